@@ -1,0 +1,70 @@
+"""The per-forward adapter state that wrapped layers read.
+
+The runner builds one `AdapterContext` before each forward and sets it on the
+model's `ContextHolder`; every wrapped layer holds a reference to that holder.
+Nothing is threaded through `forward` signatures and no hooks are added per call.
+
+Token rows are flat: the model runs on `input_ids` of shape [1, tokens], so a
+layer sees `x: [1, tokens, hidden]` and flattens it to `[tokens, hidden]`. The
+runner orders rows so that rows sharing an adapter slot are contiguous; each
+contiguous run is one segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BASE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int  # first token row
+    end: int  # one past the last token row
+    slot: int  # device slot, BASE_SLOT for the base model
+
+
+@dataclass
+class AdapterContext:
+    # slots: [tokens] int64 on the model's device, each row's device slot (BASE_SLOT = base model)
+    slots: torch.Tensor
+    # contiguous runs of rows with the same slot, in row order, covering every row
+    segments: list[Segment]
+    # slot whose merged weights replace W0 for this forward (BASE_SLOT = none)
+    merged_slot: int = BASE_SLOT
+    # the segments whose slot is an adapter (not BASE_SLOT), precomputed once
+    adapter_segments: list[Segment] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter_segments = [s for s in self.segments if s.slot != BASE_SLOT]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slots.shape[0])
+
+    @staticmethod
+    def from_row_slots(row_slots: list[int], device: torch.device, merged_slot: int = BASE_SLOT) -> AdapterContext:
+        """Build the context from each token row's slot (rows already grouped by slot)."""
+        segments: list[Segment] = []
+        start = 0
+        for i in range(1, len(row_slots) + 1):
+            if i == len(row_slots) or row_slots[i] != row_slots[start]:
+                segments.append(Segment(start, i, row_slots[start]))
+                start = i
+        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        return AdapterContext(slots=slots, segments=segments, merged_slot=merged_slot)
+
+
+class ContextHolder:
+    """One per wrapped model: the runner sets the context, the layers read it."""
+
+    def __init__(self) -> None:
+        self.ctx: AdapterContext | None = None
+
+    def set(self, ctx: AdapterContext | None) -> None:
+        self.ctx = ctx
+
+    def get(self) -> AdapterContext | None:
+        return self.ctx
