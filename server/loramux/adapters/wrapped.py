@@ -1,0 +1,31 @@
+"""The base model with every adaptable module wrapped once, at start.
+
+Linear / Conv1D projections inside the decoder layers become multi-adapter layers
+(layers.py); decoder blocks get bottleneck insertion points (bottleneck.py). All
+of them read the same `ContextHolder`, which the runner sets once per forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from loramux.adapters.bottleneck import wrap_blocks
+from loramux.adapters.context import ContextHolder
+from loramux.adapters.layers import wrap_linears
+
+
+class WrappedModel:
+    def __init__(self, model: PreTrainedModel, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError("num_slots must be at least 1")
+        self.model = model
+        self.num_slots = num_slots
+        self.holder = ContextHolder()
+        p = next(model.parameters())
+        self.device: torch.device = p.device
+        self.dtype: torch.dtype = p.dtype
+        # module name (as in model.named_modules()) -> wrapped layer
+        self.linears = wrap_linears(model, self.holder, num_slots)
+        # decoder layer index -> wrapped block
+        self.blocks = wrap_blocks(model, self.holder, num_slots)
