@@ -129,7 +129,7 @@ class BaseModel:
     @property
     def max_context(self) -> int:
         cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"))
+        return int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
 
     @property
     def eos_token_ids(self) -> set[int]:

@@ -1,0 +1,34 @@
+"""Map failures to gRPC status codes, as DESIGN.md's error table says."""
+
+from __future__ import annotations
+
+import grpc
+
+from loramux.engine.scheduler import QueueFull
+
+
+class NotFound(KeyError):
+    """An unknown adapter id (NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; ours is a sentence
+        return str(self.args[0]) if self.args else "not found"
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and admits nothing new (UNAVAILABLE)."""
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception raised while serving a request."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if isinstance(exc, (NotFound,)) or "AdapterNotFound" in names:
+        return grpc.StatusCode.NOT_FOUND
+    if "AlreadyExists" in names:
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, QueueFull) or "UploadTooLarge" in names:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, Draining):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, ValueError):  # AdapterError, ChecksumMismatch and bad parameters are ValueErrors
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL

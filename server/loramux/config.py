@@ -1,0 +1,80 @@
+"""Configs: dataclasses validated once, at start (ValueError, never assert)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 64  # requests decoding at once (rows of the KV cache)
+    max_batch_tokens: int = 4096  # tokens in one forward (prefill + decode)
+    max_queue: int = 1024  # waiting requests; beyond it new ones get RESOURCE_EXHAUSTED
+    max_model_len: int = 0  # prompt + output tokens per request; 0 = the model's context (capped at 4096)
+    default_max_new_tokens: int = 128
+    max_device_adapters: int = 8  # device slots
+    host_cache_mb: float = 1024.0  # host-memory tier budget
+    merged_cache_mb: float = 0.0  # merged W0+BA budget; 0 turns the merged path off
+    merge_threshold: float = 0.5  # share of recent tokens that makes an adapter hot
+    merge_window_tokens: int = 4096  # how many recent tokens the hot policy looks at
+
+    def validate(self) -> None:
+        _positive("max_running", self.max_running)
+        _positive("max_batch_tokens", self.max_batch_tokens)
+        _positive("max_queue", self.max_queue)
+        _positive("max_model_len", self.max_model_len, allow_zero=True)
+        _positive("default_max_new_tokens", self.default_max_new_tokens)
+        _positive("max_device_adapters", self.max_device_adapters)
+        _positive("host_cache_mb", self.host_cache_mb, allow_zero=True)
+        _positive("merged_cache_mb", self.merged_cache_mb, allow_zero=True)
+        _positive("merge_window_tokens", self.merge_window_tokens)
+        if not 0.0 < self.merge_threshold <= 1.0:
+            raise ValueError(f"merge_threshold must be in (0, 1], got {self.merge_threshold}")
+
+
+@dataclass
+class ServerConfig:
+    model: str = "demo"
+    store: Path = Path("adapters_store")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    metrics_host: str = ""  # "" = same as host
+    device: str = "auto"
+    dtype: str = "auto"
+    admin_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_adapter_mb: float = 512.0
+    max_message_mb: int = 64
+    drain_timeout: float = 30.0
+    log_format: str = "text"
+    log_prompts: bool = False
+    metrics_max_adapter_labels: int = 20
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
+        _positive("--max-adapter-mb", self.max_adapter_mb)
+        _positive("--max-message-mb", self.max_message_mb)
+        _positive("--drain-timeout", self.drain_timeout, allow_zero=True)
+        _positive("--metrics-max-adapter-labels", self.metrics_max_adapter_labels, allow_zero=True)
+        if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
+            raise ValueError(f"--admin-token-file {self.admin_token_file} does not exist")
+        self.engine.validate()

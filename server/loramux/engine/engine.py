@@ -1,0 +1,226 @@
+"""The engine: one loop on its own thread — schedule, run, post-process.
+
+The gRPC handlers live on an asyncio loop; the engine runs off it, so the API
+stays responsive while the model computes (torch releases the GIL). Requests come
+in through `submit`, and each step's tokens go out through the request's `sink`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from loramux.config import EngineConfig
+from loramux.engine.detokenizer import Detokenizer
+from loramux.engine.kv_cache import KVCache
+from loramux.engine.request import FinishReason, Request, TokenEvent
+from loramux.engine.runner import Runner
+from loramux.engine.sampler import Sampler
+from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
+from loramux.model import BaseModel
+
+log = logging.getLogger("loramux.engine")
+
+__all__ = ["Engine", "QueueFull"]
+
+
+class Engine:
+    def __init__(
+        self,
+        base: BaseModel,
+        wrapped: Any,
+        config: EngineConfig,
+        adapters: AdapterSlots | None = None,
+        metrics: Any = None,
+    ) -> None:
+        config.validate()
+        self.base = base
+        self.config = config
+        self.max_len = min(config.max_model_len or min(base.max_context, 4096), base.max_context)
+        self.kv = KVCache(config.max_running, self.max_len)
+        self.runner = Runner(wrapped, self.kv)
+        self.sampler = Sampler()
+        self.scheduler = Scheduler(config, self.kv, adapters)
+        self.metrics = metrics
+        self.eos = base.eos_token_ids
+        self.vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
+        self._inbox: list[Request] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._admitting = True
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # --- API side (any thread) ---
+    def validate(self, req: Request) -> None:
+        """Check a request against the model and resolve defaults; ValueError says what is wrong."""
+        req.params.validate()
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids out of the vocabulary (size {self.vocab_size}): {bad[:5]}")
+        if req.params.max_new_tokens == 0:
+            req.params.max_new_tokens = max(1, min(self.config.default_max_new_tokens, self.max_len - req.prompt_len))
+        if req.prompt_len + req.params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) "
+                f"exceeds the model's context of {self.max_len} tokens"
+            )
+
+    def submit(self, req: Request) -> None:
+        """Queue a validated request. Raises QueueFull, or RuntimeError when draining."""
+        req.detok = Detokenizer(self.base.tokenizer, req.params.stop)
+        if not req.params.greedy:
+            seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            req.generator = torch.Generator(device=self.base.device).manual_seed(seed % (2**63))
+        with self._cv:
+            if not self._admitting:
+                raise RuntimeError("the server is draining and admits no new requests")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting)")
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stop_admitting(self) -> None:
+        with self._cv:
+            self._admitting = False
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and not self._inbox
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- engine thread ---
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._inbox and self.scheduler.idle:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for r in inbox:
+                self.scheduler.waiting.append(r)
+            try:
+                did_work = self.step()
+            except Exception:  # never let the loop die; step() already failed the batch
+                log.exception("engine step failed")
+                did_work = True
+            if not did_work:
+                with self._cv:
+                    # Waiting only for adapters to load: sleep until woken or a short timeout.
+                    if not self._inbox and not self._stop:
+                        self._cv.wait(timeout=0.05)
+        self.scheduler.reap(self._dropped)
+        for r in list(self.scheduler.running):
+            self.scheduler.finish(r)
+            self._emit(r, TokenEvent([], "", [], error=RuntimeError("server shut down")))
+        self.scheduler.fail_waiting(self._fail)
+
+    def step(self) -> bool:
+        """One iteration. Returns False when there was nothing to run."""
+        self.scheduler.reap(self._dropped)
+        batch = self.scheduler.schedule(self._fail)
+        self._gauges()
+        if not batch.requests:
+            return False
+        phase = "prefill" if batch.prefill else "decode"
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.run(batch)
+            tokens, logprobs = self.sampler.sample(logits, batch.requests)
+        except Exception as e:
+            log.exception("forward failed for %d requests", len(batch.requests))
+            for r in batch.requests:
+                self.scheduler.finish(r)
+                self._fail(r, e)
+            return True
+        if self.metrics is not None:
+            self.metrics.forward(phase, time.perf_counter() - t0)
+            if batch.merged_slot >= 0:
+                self.metrics.merged_batch()
+        self.steps += 1
+        now = time.monotonic()
+        for r, tok, lp in zip(batch.requests, tokens, logprobs):
+            self._advance(r, tok, lp, now)
+        return True
+
+    def _advance(self, r: Request, tok: int, lp: float | None, now: float) -> None:
+        if r.first_token_at is None:
+            r.first_token_at = now
+        elif self.metrics is not None and r.last_token_at is not None:
+            self.metrics.token_latency(now - r.last_token_at)
+        r.last_token_at = now
+        r.output_ids.append(tok)
+        r.detok.add(tok)
+        finish = FinishReason.UNSPECIFIED
+        if tok in self.eos and not r.params.ignore_eos:
+            finish = FinishReason.EOS
+        elif r.detok.stopped:
+            finish = FinishReason.STOP
+        elif len(r.output_ids) >= r.params.max_new_tokens or r.total_len >= self.max_len:
+            finish = FinishReason.LENGTH
+        final = finish != FinishReason.UNSPECIFIED
+        text = r.detok.release(final)
+        if final:
+            r.finish_reason = finish
+            self.scheduler.finish(r)
+            self._record(r, "ok")
+        self._emit(r, TokenEvent([tok], text, [lp] if lp is not None else [], finish))
+
+    def _emit(self, r: Request, ev: TokenEvent) -> None:
+        try:
+            r.sink(ev)
+        except Exception:  # a sink whose client went away must not hurt the batch
+            log.exception("sink of request %s failed", r.request_id)
+
+    def _fail(self, r: Request, err: BaseException) -> None:
+        self._record(r, "error")
+        self._emit(r, TokenEvent([], "", [], error=err))
+
+    def _dropped(self, r: Request, why: str) -> None:
+        self._record(r, why)
+        self._emit(r, TokenEvent([], "", [], cancelled=True))
+
+    def _record(self, r: Request, status: str) -> None:
+        if self.metrics is None:
+            return
+        end = time.monotonic()
+        queue_s = (r.first_scheduled or end) - r.arrival
+        ttft = (r.first_token_at - r.arrival) if r.first_token_at is not None else None
+        self.metrics.request_finished(
+            status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None
+        )
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_running(len(self.scheduler.running))
+            self.metrics.set_waiting(len(self.scheduler.waiting))

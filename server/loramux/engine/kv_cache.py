@@ -1,0 +1,53 @@
+"""The KV cache: one contiguous row per running sequence, per layer.
+
+Each running request owns one row (`kv_slot`) of every layer's key and value
+buffers, `[max_seqs, kv_heads, max_len, head_dim]`. Buffers are allocated lazily
+at the first forward, from the shapes the attention layers actually produce, so
+any architecture that goes through the attention interface works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, max_seqs: int, max_len: int) -> None:
+        if max_seqs < 1 or max_len < 1:
+            raise ValueError("KV cache needs max_seqs >= 1 and max_len >= 1")
+        self.max_seqs = max_seqs
+        self.max_len = max_len
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._free = list(range(max_seqs - 1, -1, -1))
+
+    # --- rows ---
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("KV cache has no free row")
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        if row < 0:
+            return
+        # Stale K/V in a released row are never read: reads are bounded by each sequence's length.
+        self._free.append(row)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    # --- tensors ---
+    def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (keys, values), allocated on first use from `like`: [1, kv_heads, T, head_dim]."""
+        k = self.keys.get(layer_idx)
+        if k is None:
+            _, kv_heads, _, head_dim = like.shape
+            shape = (self.max_seqs, kv_heads, self.max_len, head_dim)
+            k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.keys[layer_idx] = k
+            self.values[layer_idx] = torch.zeros_like(k)
+        return k, self.values[layer_idx]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))

@@ -1,0 +1,125 @@
+"""The request: the one message between the API, the scheduler and the runner."""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class FinishReason(enum.IntEnum):
+    # Values equal the proto enum's, so the API maps them 1:1.
+    UNSPECIFIED = 0
+    LENGTH = 1
+    EOS = 2
+    STOP = 3
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 0  # 0 = server default, resolved at submit
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError with a message that names the bad parameter."""
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError("temperature must be a finite number >= 0")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1] (0 means off)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (0 means off)")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenEvent:
+    """What the engine tells the API after a step: new tokens and text, and maybe the end."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    error: BaseException | None = None  # set when the request failed inside the engine
+    cancelled: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason != FinishReason.UNSPECIFIED or self.error is not None or self.cancelled
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter_id: str = ""  # "" = base model
+    return_logprobs: bool = False
+    deadline: float | None = None  # time.monotonic() after which it is abandoned
+    # Called from the engine thread with each step's TokenEvent.
+    sink: Callable[[TokenEvent], None] = lambda ev: None
+
+    # --- engine-owned state ---
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    kv_slot: int = -1  # row of the KV cache this request owns while running
+    adapter_slot: int = -1  # device slot of its adapter (-1 = base model)
+    adapter_handle: Any = None  # the adapter cache's lease, released when the request ends
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    detok: Any = None  # the request's incremental detokenizer
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the request at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from loramux.model import build_from_config, byte_tokenizer, tiny_llama_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama saved as a real model directory (config, safetensors, tokenizer)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_from_config(tiny_llama_config(), seed=0).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_llama(tiny_llama_dir: Path):  # noqa: ANN201
+    """The same tiny Llama, for plain transformers generation."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, local_files_only=True).eval()
+    m.config = copy.deepcopy(m.config)
+    return m

@@ -1,0 +1,69 @@
+"""A real loramux server on loopback, run in a background thread of the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import grpc
+
+from loramux.api.server import LoramuxServer
+from loramux.config import EngineConfig, ServerConfig
+from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+
+class ServerThread:
+    def __init__(self, model: str | Path = "demo", store: Path | None = None, **overrides: object) -> None:
+        engine_fields = set(EngineConfig.__dataclass_fields__)
+        engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
+        rest = {k: v for k, v in overrides.items() if k not in engine_fields}
+        self.config = ServerConfig(
+            model=str(model), store=store or Path("adapters_store"), port=0, metrics_port=0,
+            device="cpu", engine=engine, **rest,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.server = LoramuxServer(self.config)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(300):
+            raise TimeoutError("server did not start")
+        if self._error is not None:
+            raise self._error
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.gen = pb_grpc.GenerationStub(self.channel)
+        self.adapters = pb_grpc.AdaptersStub(self.channel)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            try:
+                await self.server.start()
+            except BaseException as e:  # surfaced to the constructor
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.wait()
+
+        self.loop.run_until_complete(main())
+
+    @property
+    def engine(self):  # noqa: ANN201
+        return self.server.engine
+
+    def stop(self) -> None:
+        self.channel.close()
+        if not self.server._stopped.is_set():
+            asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
