@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class ServerThread:
         engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
         rest = {k: v for k, v in overrides.items() if k not in engine_fields}
         self.config = ServerConfig(
-            model=str(model), store=store or Path("adapters_store"), port=0, metrics_port=0,
+            model=str(model), store=store or Path(tempfile.mkdtemp(prefix="loramux-store-")), port=0, metrics_port=0,
             device="cpu", engine=engine, **rest,
         )
         self.loop = asyncio.new_event_loop()

@@ -7,21 +7,27 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramux.adapters.cache import AdapterCache
+from loramux.adapters.loader import parse_adapter
+from loramux.adapters.store import AdapterStore
 from loramux.adapters.wrapped import WrappedModel
 from loramux.api.generation import GenerationService
 from loramux.config import ServerConfig
 from loramux.engine.engine import Engine
+from loramux.metrics import Metrics
 from loramux.model import BaseModel, load_base_model
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 log = logging.getLogger("loramux.server")
 
+MB = 1024 * 1024
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Generation"].full_name,
     pb.DESCRIPTOR.services_by_name["Adapters"].full_name,
@@ -36,11 +42,13 @@ class LoramuxServer:
         self.config = config
         self.base: BaseModel | None = None
         self.engine: Engine | None = None
+        self.store: AdapterStore | None = None
+        self.cache: AdapterCache | None = None
         self.grpc: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
 
@@ -66,17 +74,31 @@ class LoramuxServer:
             raise RuntimeError(f"could not bind {address}")
         await self.grpc.start()
         print(f"grpc listening on {cfg.host}:{self.port}", flush=True)
+        self.metrics = Metrics(max_adapter_labels=cfg.metrics_max_adapter_labels)
+        metrics_host = cfg.metrics_host or cfg.host
+        _, self.metrics_port = self.metrics.start_http_server(metrics_host, cfg.metrics_port)
+        print(f"metrics listening on {metrics_host}:{self.metrics_port}", flush=True)
 
         loop = asyncio.get_running_loop()
         self.base = await loop.run_in_executor(None, load_base_model, cfg.model, cfg.device, cfg.dtype)
         wrapped = WrappedModel(self.base.model, cfg.engine.max_device_adapters)
-        self.engine = Engine(self.base, wrapped, cfg.engine, adapters=None, metrics=self.metrics)
-        self.generation.attach(self.engine, lambda _id: False)
+        self.wrapped = wrapped
+        self.store = AdapterStore(cfg.store)
+        await loop.run_in_executor(None, self.store.scan, self.validate_adapter)
+        self.cache = AdapterCache(wrapped, self.store, int(cfg.engine.host_cache_mb * MB), self.metrics)
+        self.engine = Engine(self.base, wrapped, cfg.engine, adapters=self.cache, metrics=self.metrics)
+        self.cache.on_ready = self.engine.wake
+        self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
+        self.generation.attach(self.engine, self.store.exists)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         b = self.base
         log.info("serving %s on %s (%s) at %s:%d", b.name, b.device, b.dtype, cfg.host, self.port)
+
+    def validate_adapter(self, config: dict, weights_path: Path) -> str:
+        """Parse an adapter against the base model (every check loading does); returns its type."""
+        return parse_adapter(config, weights_path, self.wrapped).info.adapter_type
 
     def _warm_up(self) -> None:
         """One real forward before SERVING, so the first client does not pay for lazy set-up."""
@@ -115,6 +137,10 @@ class LoramuxServer:
             await self.grpc.stop(grace)
         if self.engine is not None:
             self.engine.shutdown()
+        if self.cache is not None:
+            self.cache.close()
+        if self.metrics is not None:
+            self.metrics.stop_http_server()
         self._stopped.set()
 
     async def wait(self) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from loramux.engine.request import FinishReason, Request, TokenEvent
 from loramux.engine.runner import Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
+from loramux.logs import log_request
 from loramux.model import BaseModel
 
 log = logging.getLogger("loramux.engine")
@@ -50,6 +53,7 @@ class Engine:
         self.eos = base.eos_token_ids
         self.vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
         self._inbox: list[Request] = []
+        self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._cv = threading.Condition()
         self._stop = False
         self._admitting = True
@@ -87,6 +91,21 @@ class Engine:
             self._inbox.append(req)
             self._cv.notify()
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between two steps (adapter slots change only there)."""
+        fut: Future = Future()
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive():
+                # Not started (tests, start-up): nothing else touches the slots yet.
+                try:
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
+                return fut
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -122,11 +141,17 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._inbox and self.scheduler.idle:
+                while not self._stop and not self._inbox and not self._calls and self.scheduler.idle:
                     self._cv.wait()
                 if self._stop:
                     break
                 inbox, self._inbox = self._inbox, []
+                calls, self._calls = self._calls, []
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
             for r in inbox:
                 self.scheduler.waiting.append(r)
             try:
@@ -137,7 +162,7 @@ class Engine:
             if not did_work:
                 with self._cv:
                     # Waiting only for adapters to load: sleep until woken or a short timeout.
-                    if not self._inbox and not self._stop:
+                    if not self._inbox and not self._calls and not self._stop:
                         self._cv.wait(timeout=0.05)
         self.scheduler.reap(self._dropped)
         for r in list(self.scheduler.running):
@@ -211,14 +236,27 @@ class Engine:
         self._emit(r, TokenEvent([], "", [], cancelled=True))
 
     def _record(self, r: Request, status: str) -> None:
-        if self.metrics is None:
-            return
+        """The one place a finished request is counted and logged."""
         end = time.monotonic()
         queue_s = (r.first_scheduled or end) - r.arrival
         ttft = (r.first_token_at - r.arrival) if r.first_token_at is not None else None
-        self.metrics.request_finished(
-            status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None
+        log_request(
+            {
+                "request_id": r.request_id,
+                "adapter_id": r.adapter_id,
+                "status": status,
+                "finish_reason": r.finish_reason.name.lower(),
+                "prompt_tokens": r.prompt_len,
+                "generated_tokens": len(r.output_ids),
+                "queue_s": queue_s,
+                "ttft_s": ttft,
+                "total_s": end - r.arrival,
+            }
         )
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None
+            )
 
     def _gauges(self) -> None:
         if self.metrics is not None:

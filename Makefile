@@ -1,0 +1,47 @@
+# loramux: every target does its own set-up on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo lint proto bench fixtures-adapterhub clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) scripts/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check server tests scripts
+
+# Regenerate the committed Python stubs from the proto (tests check they are current).
+proto: install
+	$(PY) -m grpc_tools.protoc -I proto --python_out=server --grpc_python_out=server --pyi_out=server \
+		proto/loramux/v1/loramux.proto
+
+bench: install
+	$(PY) -m loramux.cli bench --out bench-results
+
+# AdapterHub's `adapters` pins transformers 4.57, so its fixtures come from a venv of their own.
+ADAPTERHUB_VENV ?= .venv-adapterhub
+fixtures-adapterhub:
+	$(PYTHON) -m venv $(ADAPTERHUB_VENV)
+	$(ADAPTERHUB_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ADAPTERHUB_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(ADAPTERHUB_VENV)/bin/python -m pip install -q adapters
+	$(ADAPTERHUB_VENV)/bin/python scripts/make_adapterhub_fixtures.py --out tests/fixtures/adapterhub
+
+clean:
+	rm -rf $(VENV) build dist server/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,274 @@
+"""The tiered adapter cache: store (disk) -> host memory (LRU, bytes) -> device slots (LRU).
+
+Keys are (adapter_id, sha256 of the weights), so a re-upload under the same id is
+a different key and no tier can serve the old weights to a request admitted after
+it. Parsing and host->device copies run on a worker thread; only `install` (which
+points the wrapped layers at the slot's tensors) runs on the engine thread,
+between forwards. Every method except `state`/`resident` is called on the engine
+thread, so the slot table needs no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from loramux.adapters.adapter import LoadedAdapter
+from loramux.adapters.loader import parse_adapter
+from loramux.adapters.store import AdapterStore
+from loramux.adapters.wrapped import WrappedModel
+
+log = logging.getLogger("loramux.adapters")
+
+Key = tuple[str, str]  # (adapter_id, weights sha256)
+
+
+@dataclass
+class Lease:
+    """A running request's hold on a device slot."""
+
+    slot: int
+    key: Key
+
+
+@dataclass
+class Slot:
+    index: int
+    key: Key | None = None
+    adapter: LoadedAdapter | None = None  # the device copy, once installed
+    loading: Future | None = None  # worker job filling this slot
+    refs: int = 0
+    pinned: bool = False
+    last_used: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.refs > 0 or self.pinned or self.loading is not None
+
+
+@dataclass
+class LoadResult:
+    key: Key
+    adapter: LoadedAdapter  # on the device
+    seconds: float
+    tier: str  # where it came from: "host" or "store"
+    host_copy: LoadedAdapter | None = field(default=None)
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        wrapped: WrappedModel,
+        store: AdapterStore,
+        host_cache_bytes: int,
+        metrics: Any = None,
+        on_ready: Any = None,
+    ) -> None:
+        self.wrapped = wrapped
+        self.store = store
+        self.host_budget = host_cache_bytes
+        self.metrics = metrics
+        self.on_ready = on_ready or (lambda: None)
+        self.slots = [Slot(i) for i in range(wrapped.num_slots)]
+        self.host: OrderedDict[Key, LoadedAdapter] = OrderedDict()
+        self.errors: dict[Key, BaseException] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
+        self._blocked: set[str] = set()
+        self._publish()
+
+    # --- scheduler interface (engine thread) ---
+    def acquire(self, adapter_id: str) -> Lease | None:
+        """A lease on a ready slot, or None while it loads or waits for a slot; raises on bad adapters."""
+        record = self.store.get(adapter_id)  # AdapterNotFound for unknown or deleted ids
+        key = (adapter_id, record.sha256)
+        if key in self.errors:
+            raise self.errors.pop(key)
+        slot = self._slot_for(key)
+        if slot is not None and slot.loading is not None:
+            if not slot.loading.done():
+                return None
+            if not self._finish_load(slot):
+                return self.acquire(adapter_id)  # the load failed or raced an overwrite: try again
+        if slot is not None:
+            if self.metrics is not None:
+                self.metrics.cache_hit("device")
+            return self._lease(slot)
+        self._blocked.discard(adapter_id)
+        if self.metrics is not None:
+            self.metrics.cache_miss("device")
+        free = self._claim_slot()
+        if free is None:
+            self._blocked.add(adapter_id)
+            return None
+        free.key = key
+        free.loading = self._worker.submit(self._load, key)
+        free.loading.add_done_callback(lambda _f: self.on_ready())
+        return None
+
+    def waiting_for_slot(self, adapter_id: str) -> bool:
+        return adapter_id in self._blocked
+
+    def release(self, lease: Lease) -> None:
+        slot = self.slots[lease.slot]
+        slot.refs -= 1
+        slot.last_used = time.monotonic()
+        if slot.refs == 0 and not self._current(slot):
+            self._evict(slot)  # overwritten or deleted: drop the old weights now
+
+    def merged_slot_for(self, requests: list[Any]) -> int:
+        return -1
+
+    # --- explicit control (engine thread, via Engine.call) ---
+    def prefetch(self, adapter_id: str, pin: bool) -> bool:
+        """Start loading (and pin or unpin); True once resident."""
+        lease = self.acquire(adapter_id)
+        key = (adapter_id, self.store.get(adapter_id).sha256)
+        slot = self._slot_for(key)
+        if slot is not None:
+            slot.pinned = pin or slot.pinned
+        if lease is None:
+            return False
+        self.release(lease)
+        return True
+
+    def unpin(self, adapter_id: str) -> None:
+        for slot in self.slots:
+            if slot.key is not None and slot.key[0] == adapter_id:
+                slot.pinned = False
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop every unused tier entry of `adapter_id` (after an overwrite or delete)."""
+        for key in [k for k in self.host if k[0] == adapter_id]:
+            del self.host[key]
+        for slot in self.slots:
+            if slot.key is not None and slot.key[0] == adapter_id and slot.refs == 0 and slot.loading is None:
+                if not self._current(slot):
+                    self._evict(slot)
+        self._publish()
+
+    # --- views (any thread; snapshots) ---
+    def state(self, adapter_id: str, sha256: str) -> tuple[str, bool]:
+        """(tier, pinned) of the current weights: 'device', 'host' or 'stored'."""
+        key = (adapter_id, sha256)
+        for slot in list(self.slots):
+            if slot.key == key and slot.adapter is not None:
+                return "device", slot.pinned
+        return ("host" if key in self.host else "stored"), False
+
+    @property
+    def free_slots(self) -> int:
+        return sum(1 for s in self.slots if s.key is None)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # --- internals ---
+    def _lease(self, slot: Slot) -> Lease:
+        slot.refs += 1
+        slot.last_used = time.monotonic()
+        return Lease(slot.index, slot.key)
+
+    def _slot_for(self, key: Key) -> Slot | None:
+        for slot in self.slots:
+            if slot.key == key:
+                return slot
+        return None
+
+    def _current(self, slot: Slot) -> bool:
+        if slot.key is None:
+            return False
+        try:
+            return self.store.get(slot.key[0]).sha256 == slot.key[1]
+        except KeyError:
+            return False
+
+    def _claim_slot(self) -> Slot | None:
+        """A free slot, or the least recently used one that nothing holds (evicted)."""
+        free = [s for s in self.slots if s.key is None]
+        if free:
+            return free[0]
+        idle = [s for s in self.slots if not s.busy]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: s.last_used)
+        self._evict(victim)
+        return victim
+
+    def _evict(self, slot: Slot) -> None:
+        if slot.adapter is not None:
+            slot.adapter.uninstall(self.wrapped, slot.index)
+            if self.metrics is not None:
+                self.metrics.eviction("device")
+            log.info("evicted adapter %s from device slot %d", slot.key[0], slot.index)
+        slot.key, slot.adapter, slot.loading, slot.refs, slot.pinned = None, None, None, 0, False
+        self._publish()
+
+    def _load(self, key: Key) -> LoadResult:
+        """Worker thread: host tier or disk -> validated adapter -> device copy."""
+        t0 = time.perf_counter()
+        host = self.host.get(key)
+        tier = "host"
+        if host is None:
+            tier = "store"
+            with self.store.reading(key[0]) as record:
+                if record.sha256 != key[1]:
+                    raise _Stale()
+                host = parse_adapter(record.config, record.weights_path, self.wrapped)
+        device_copy = host.to_device(self.wrapped.device)
+        return LoadResult(key, device_copy, time.perf_counter() - t0, tier, host)
+
+    def _finish_load(self, slot: Slot) -> bool:
+        """Engine thread: install a finished load; False when it failed (slot freed)."""
+        fut, key = slot.loading, slot.key
+        slot.loading = None
+        try:
+            result: LoadResult = fut.result()
+        except _Stale:
+            self._evict(slot)
+            return False
+        except Exception as e:
+            log.warning("adapter %s failed to load: %s", key[0], e)
+            self.errors[key] = e
+            self._evict(slot)
+            return False
+        result.adapter.install(self.wrapped, slot.index)
+        slot.adapter = result.adapter
+        self._remember_host(key, result.host_copy)
+        if self.metrics is not None:
+            self.metrics.adapter_load(result.tier, result.seconds)
+            if result.tier == "host":
+                self.metrics.cache_hit("host")
+            else:
+                self.metrics.cache_miss("host")
+        log.info("adapter %s loaded into device slot %d from %s in %.3fs", key[0], slot.index, result.tier,
+                 result.seconds)
+        self._publish()
+        return True
+
+    def _remember_host(self, key: Key, adapter: LoadedAdapter | None) -> None:
+        if adapter is None:
+            return
+        self.host[key] = adapter
+        self.host.move_to_end(key)
+        while self.host and sum(a.nbytes() for a in self.host.values()) > self.host_budget:
+            old, _ = self.host.popitem(last=False)
+            if self.metrics is not None:
+                self.metrics.eviction("host")
+            if old == key:
+                break
+
+    def _publish(self) -> None:
+        if self.metrics is None:
+            return
+        on_device = [s for s in self.slots if s.adapter is not None]
+        self.metrics.set_resident("device", len(on_device), sum(s.adapter.nbytes() for s in on_device))
+        self.metrics.set_resident("host", len(self.host), sum(a.nbytes() for a in self.host.values()))
+        self.metrics.set_slots_free(self.free_slots)
+
+
+class _Stale(Exception):
+    """The weights changed between asking for a load and reading them."""
