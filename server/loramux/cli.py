@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -100,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
-    try:
-        from loramux.cli_admin import add_admin_parsers
-    except ImportError:  # the registry commands land with the Adapters service
-        add_admin_parsers = None
-    if add_admin_parsers is not None:
-        add_admin_parsers(sub)
+    for module in ("loramux.cli_admin", "loramux.bench.cli"):
+        try:
+            add = importlib.import_module(module).add_parsers
+        except ImportError:  # optional command groups (registry, bench) not installed
+            continue
+        add(sub)
     a = parser.parse_args(argv)
     if a.command == "serve":
         return _serve(a)
