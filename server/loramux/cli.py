@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     _client_parsers(sub)
     for module in ("loramux.cli_admin", "loramux.bench.cli"):
         try:
-            add = importlib.import_module(module).add_parsers
+            mod = importlib.import_module(module)
         except ImportError:  # optional command groups (registry, bench) not installed
             continue
-        add(sub)
+        (getattr(mod, "add_parsers", None) or mod.add_admin_parsers)(sub)
     a = parser.parse_args(argv)
     if a.command == "serve":
         return _serve(a)
