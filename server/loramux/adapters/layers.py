@@ -1,0 +1,217 @@
+"""Multi-adapter linear layers: every decoder-layer projection, wrapped once at start.
+
+A `MultiAdapterLinear` keeps the frozen base module (`nn.Linear` or GPT-2's
+`Conv1D`) and, per device slot, the weights of whatever adapter is installed
+there. Its forward runs the base module once for all rows, then adds each
+segment's adapter delta on that segment's contiguous rows (lora_ops.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loramux.adapters.context import ContextHolder
+from loramux.adapters.lora_ops import SlotDelta, segment_lora
+
+
+@dataclass
+class _SlotParts:
+    """What was installed into one slot, before compiling to a `SlotDelta`."""
+
+    a: torch.Tensor | None = None  # [r, in]
+    b: torch.Tensor | None = None  # [out, r], scale s folded in
+    lora_bias: torch.Tensor | None = None  # [out], scale s folded in
+    dora_g: torch.Tensor | None = None  # [out]
+    ia3: torch.Tensor | None = None  # [out], or [in] when ia3_feedforward
+    ia3_feedforward: bool = False
+    bias_delta: torch.Tensor | None = None  # [out]: b_new - b_old
+
+
+class MultiAdapterLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, holder: ContextHolder, num_slots: int) -> None:
+        super().__init__()
+        if isinstance(base_layer, Conv1D):
+            # Conv1D computes x·W + b with W: [in, out]
+            in_f, out_f = base_layer.weight.shape
+            self.is_conv1d = True
+        elif isinstance(base_layer, nn.Linear):
+            out_f, in_f = base_layer.weight.shape
+            self.is_conv1d = False
+        else:
+            raise ValueError(f"cannot wrap {type(base_layer).__name__}; only nn.Linear and Conv1D")
+        self.base_layer = base_layer
+        self.holder = holder
+        self.in_features = int(in_f)
+        self.out_features = int(out_f)
+        self.num_slots = num_slots
+        self._parts: list[_SlotParts | None] = [None] * num_slots
+        # slot -> compiled delta; what forward reads
+        self.deltas: list[SlotDelta | None] = [None] * num_slots
+
+    # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_weight_rows(self) -> torch.Tensor:
+        """W0 as [out, in] (a view), whatever the base module's layout."""
+        w = self.base_layer.weight
+        return w.t() if self.is_conv1d else w
+
+    def base_weight_cols(self) -> torch.Tensor:
+        """W0 as [in, out] (a view), so that y = x · W0_cols."""
+        w = self.base_layer.weight
+        return w if self.is_conv1d else w.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] (the runner's [1, tokens, in]); y: [..., out], base bias included
+        y = self.base_layer(x)
+        ctx = self.holder.get()
+        if ctx is None or not ctx.adapter_segments:
+            return y
+        # ctx.merged_slot: the merged-weight path (merged.py) will swap W0 for W0 + ΔW here;
+        # until it exists, base + per-row delta is exact for every slot, merged or not.
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+        y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
+        if y2.shape[0] != ctx.num_tokens:
+            raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
+        segment_lora(y2, x2, ctx.adapter_segments, self.deltas)
+        return y
+
+    # ---- installing ------------------------------------------------------------
+
+    def set_lora(
+        self,
+        slot: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        lora_bias: torch.Tensor | None = None,
+        dora_g: torch.Tensor | None = None,
+    ) -> None:
+        """LoRA (or DoRA with `dora_g`) in `slot`. a: [r, in]; b: [out, r] and lora_bias: [out], both already × s."""
+        r = a.shape[0]
+        self._check(a, (r, self.in_features), "lora A")
+        self._check(b, (self.out_features, r), "lora B")
+        if lora_bias is not None:
+            self._check(lora_bias, (self.out_features,), "lora bias")
+        if dora_g is not None:
+            self._check(dora_g, (self.out_features,), "DoRA scale")
+        parts = self._parts_of(slot)
+        parts.a, parts.b, parts.lora_bias, parts.dora_g = a, b, lora_bias, dora_g
+        self._compile(slot)
+
+    def set_ia3(self, slot: int, vec: torch.Tensor, feedforward: bool) -> None:
+        """IA3 in `slot`: vec [in] scales the input (feed-forward modules), else vec [out] scales the output."""
+        self._check(vec, (self.in_features if feedforward else self.out_features,), "IA3 vector")
+        parts = self._parts_of(slot)
+        parts.ia3, parts.ia3_feedforward = vec, feedforward
+        self._compile(slot)
+
+    def set_bias_delta(self, slot: int, delta: torch.Tensor) -> None:
+        """Replace the base bias in `slot`: delta [out] = b_new - b_old (PEFT bias="all" / "lora_only")."""
+        self._check(delta, (self.out_features,), "bias delta")
+        self._parts_of(slot).bias_delta = delta
+        self._compile(slot)
+
+    def clear(self, slot: int) -> None:
+        self._slot_index(slot)
+        self._parts[slot] = None
+        self.deltas[slot] = None
+
+    def slot_nbytes(self, slot: int) -> int:
+        d = self.deltas[self._slot_index(slot)]
+        return 0 if d is None else d.nbytes()
+
+    def _slot_index(self, slot: int) -> int:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        return slot
+
+    def _parts_of(self, slot: int) -> _SlotParts:
+        if self._parts[self._slot_index(slot)] is None:
+            self._parts[slot] = _SlotParts()
+        return self._parts[slot]  # type: ignore[return-value]
+
+    def _check(self, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        w = self.base_layer.weight
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what} has shape {tuple(t.shape)}, the layer needs {shape}")
+        if t.device != w.device or t.dtype != w.dtype:
+            raise ValueError(f"{what} is {t.dtype} on {t.device}, the layer is {w.dtype} on {w.device}")
+
+    def _compile(self, slot: int) -> None:
+        """Fold one slot's parts into the `SlotDelta` that forward applies (see lora_ops.py)."""
+        p = self._parts[slot]
+        if p is None:
+            self.deltas[slot] = None
+            return
+        d = SlotDelta()
+        shift = p.bias_delta
+        if p.lora_bias is not None:
+            shift = p.lora_bias if shift is None else shift + p.lora_bias
+        if p.a is not None and p.b is not None:
+            b = p.b
+            if p.dora_g is not None:
+                # PEFT DoRA: out = b_eff + g ⊙ (x·W0ᵀ + s·x·Aᵀ·Bᵀ), b_eff the (replaced) base bias.
+                # From y = x·W0ᵀ + b_old: out = g ⊙ y + (b_eff - g ⊙ b_old), and g folds into B.
+                g = p.dora_g
+                d.out_scale = g
+                b = g[:, None] * b
+                base_bias = self.base_layer.bias
+                if base_bias is not None:
+                    corr = base_bias * (1 - g)
+                    shift = corr if shift is None else shift + corr
+            d.a_t = p.a.t().contiguous()  # [in, r]
+            d.b_t = b.t().contiguous()  # [r, out]
+        if p.ia3 is not None:
+            if p.ia3_feedforward:
+                # base(x ⊙ l) = y + (x ⊙ (l - 1))·W0ᵀ: no copy of W0 per slot
+                d.in_scale = p.ia3 - 1
+                d.w_t = self.base_weight_cols()
+            else:
+                # PEFT scales the whole output, bias included
+                d.out_scale = p.ia3 if d.out_scale is None else d.out_scale * p.ia3
+        d.out_shift = shift
+        empty = d.a_t is None and d.in_scale is None and d.out_scale is None and d.out_shift is None
+        self.deltas[slot] = None if empty else d
+
+    def extra_repr(self) -> str:
+        used = sum(d is not None for d in self.deltas)
+        kind = "Conv1D" if self.is_conv1d else "Linear"
+        return f"{kind} in={self.in_features} out={self.out_features} slots={self.num_slots} used={used}"
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the first one as long as config.num_hidden_layers."""
+    cfg = getattr(model, "config", None)
+    n_layers = getattr(cfg, "num_hidden_layers", None) if cfg is not None else None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers) and len(module) > 0:
+            return name, module
+    raise ValueError("could not find the decoder layers (an nn.ModuleList of num_hidden_layers blocks)")
+
+
+def wrap_linears(model: nn.Module, holder: ContextHolder, num_slots: int) -> dict[str, MultiAdapterLinear]:
+    """Replace every nn.Linear / Conv1D inside the decoder layers; keys are the original module names."""
+    prefix, layers = find_decoder_layers(model)
+    targets = [
+        (f"{prefix}.{name}", name, module)
+        for name, module in layers.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and name
+    ]
+    wrapped: dict[str, MultiAdapterLinear] = {}
+    for full_name, rel_name, module in targets:
+        parent_name, _, child = rel_name.rpartition(".")
+        parent = layers.get_submodule(parent_name) if parent_name else layers
+        layer = MultiAdapterLinear(module, holder, num_slots)
+        setattr(parent, child, layer)
+        wrapped[full_name] = layer
+    return wrapped

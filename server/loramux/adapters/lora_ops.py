@@ -1,0 +1,74 @@
+"""The per-segment adapter arithmetic: the one kernel interface wrapped linears call.
+
+Every adapter kind that lives inside a linear layer (LoRA, DoRA, IA3, base-bias
+replacement) compiles, per slot and per layer, to one `SlotDelta`. Applied to a
+segment's rows of the base output `y = x·W0ᵀ + b`, in this order:
+
+    y += (x ⊙ in_scale) · W0ᵀ      IA3 on a feed-forward module (in_scale = l - 1)
+    y *= out_scale                 IA3 output scaling, or the DoRA row scale g
+    y += out_shift                 LoRA bias, base-bias delta, DoRA's (1 - g)·b
+    y += (x · Aᵀ) · Bᵀ             LoRA / DoRA (s and g already folded into B)
+
+`segment_lora` is pure torch with in-place ops on row slices (two matmuls per
+LoRA segment); a fused CUDA kernel can replace it behind the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from loramux.adapters.context import Segment
+
+
+@dataclass
+class SlotDelta:
+    """One slot's compiled computation in one layer. Every field is optional."""
+
+    a_t: torch.Tensor | None = None  # [in, r]: Aᵀ
+    b_t: torch.Tensor | None = None  # [r, out]: (g ⊙ s·B)ᵀ
+    in_scale: torch.Tensor | None = None  # [in]: IA3 feed-forward vector minus one
+    w_t: torch.Tensor | None = None  # [in, out]: the base weight as x·w_t (a view, never a copy)
+    out_scale: torch.Tensor | None = None  # [out]
+    out_shift: torch.Tensor | None = None  # [out]
+
+    def nbytes(self) -> int:
+        # w_t is the base model's own weight, not held by the slot
+        return sum(t.nbytes for f in fields(self) if f.name != "w_t" and (t := getattr(self, f.name)) is not None)
+
+
+def segment_lora(
+    y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segment], deltas: Sequence[SlotDelta | None]
+) -> None:
+    """Add each segment's adapter delta to `y` in place.
+
+    y: [tokens, out] base output (bias included), x: [tokens, in] layer input,
+    segments: adapter segments (slot >= 0), deltas: indexed by slot (None = nothing here).
+    """
+    for seg in segments:
+        d = deltas[seg.slot]
+        if d is None:
+            continue
+        ys = y[seg.start : seg.end]  # [rows, out], a view: in-place ops write into y
+        xs = x[seg.start : seg.end]  # [rows, in]
+        if d.in_scale is not None:
+            ys.addmm_(xs * d.in_scale, d.w_t)
+        if d.out_scale is not None:
+            ys.mul_(d.out_scale)
+        if d.out_shift is not None:
+            ys.add_(d.out_shift)
+        if d.a_t is not None:
+            ys.addmm_(torch.mm(xs, d.a_t), d.b_t)
+
+
+def dora_row_scale(w0: torch.Tensor, a: torch.Tensor, b_scaled: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's g = m / ‖W0 + s·B·A‖ per output row, as PEFT's DoraLinearLayer computes it.
+
+    w0: [out, in] (Conv1D weights transposed first), a: [r, in], b_scaled: [out, r] = s·B,
+    magnitude: [out]. Computed in float32 on w0's device; returns [out] float32 there.
+    """
+    dev = w0.device
+    w = w0.float() + b_scaled.to(dev, torch.float32) @ a.to(dev, torch.float32)
+    return magnitude.to(dev, torch.float32) / torch.linalg.norm(w, dim=1)
