@@ -40,7 +40,7 @@ fixtures-adapterhub:
 	$(PYTHON) -m venv $(ADAPTERHUB_VENV)
 	$(ADAPTERHUB_VENV)/bin/python -m pip install -q --upgrade pip
 	$(ADAPTERHUB_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(ADAPTERHUB_VENV)/bin/python -m pip install -q adapters
+	$(ADAPTERHUB_VENV)/bin/python -m pip install -q adapters==1.3.0
 	$(ADAPTERHUB_VENV)/bin/python scripts/make_adapterhub_fixtures.py --out tests/fixtures/adapterhub
 
 clean:

@@ -82,7 +82,8 @@ def test_all_kinds_in_flight_with_base_rows_and_few_slots(store, tiny_llama_dir,
             want = peft_greedy(models[a] if a else reference_llama, ids, n)
             assert list(fut.result(timeout=300).token_ids) == want, a
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics").read().decode()
-    evictions = [ln for ln in metrics.splitlines() if ln.startswith('loramux_adapter_cache_evictions_total{tier="device"}')]
+    device_evictions = 'loramux_adapter_cache_evictions_total{tier="device"}'
+    evictions = [ln for ln in metrics.splitlines() if ln.startswith(device_evictions)]
     assert evictions and float(evictions[0].split()[-1]) >= 4
 
 
