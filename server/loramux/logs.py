@@ -120,7 +120,29 @@ def setup_logging(fmt: str = "text", level: int | str = "INFO", log_prompts: boo
     root.addHandler(handler)
     root.setLevel(lvl)
     _log_prompts = bool(log_prompts)
+    _route_library_output()
     return handler
+
+
+def _route_library_output() -> None:
+    """A server's stderr is its log stream, one record per line. Hugging Face's
+    progress bars and transformers' own stderr handler would put lines of their
+    own there (and break JSON logs), so bars are off and transformers' records
+    and Python warnings go through our handler instead."""
+    logging.captureWarnings(True)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is a dependency; a library user may still lack it
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
+def prompts_logged() -> bool:
+    """Whether request lines carry the prompt text (`--log-prompts`). Callers
+    check it before decoding a prompt, so the default costs nothing."""
+    return _log_prompts
 
 
 def request_fields(record: dict[str, Any], log_prompts: bool | None = None) -> dict[str, Any]:

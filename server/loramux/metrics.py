@@ -35,8 +35,11 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CACHE_TIERS: tuple[str, ...] = ("host", "device", "merged")
 RESIDENT_TIERS: tuple[str, ...] = ("store", *CACHE_TIERS)
 PHASES: tuple[str, ...] = ("prefill", "decode")
-# The values the engine reports (scheduler: "cancelled" or "deadline").
+# The values the engine reports (scheduler: "cancelled" or "deadline"), plus
+# "rejected": refused at admission, before it was queued (see request_rejected).
 STATUSES: tuple[str, ...] = ("ok", "cancelled", "deadline", "rejected", "error")
+# Why a request was refused at admission: the gRPC status code it got, lower case.
+REJECT_REASONS: tuple[str, ...] = ("invalid_argument", "not_found", "resource_exhausted", "unavailable")
 MERGE_ACTIONS: tuple[str, ...] = ("merge", "unmerge", "evict")
 
 BASE_LABEL = "base"
@@ -153,7 +156,11 @@ class Metrics:
         self.batch_size = hist("loramux_batch_size", "Sequences in one model forward.", ("phase",),
                                buckets=BATCH_SIZE_BUCKETS)
 
-        self.requests = counter("loramux_requests", "Finished requests, by final status.", ("status",))
+        self.requests = counter(
+            "loramux_requests", "Requests that ended, by final status (rejected = refused at admission).",
+            ("status",))
+        self.rejected = counter("loramux_requests_rejected", "Requests refused at admission, by gRPC status code.",
+                                ("reason",))
         self.prompt_tokens = counter("loramux_prompt_tokens", "Prompt tokens of finished requests.")
         self.generated_tokens = counter("loramux_generated_tokens", "Generated tokens of finished requests.")
         self.cache_hits = counter("loramux_adapter_cache_hits", "Adapter found resident in a tier.", ("tier",))
@@ -193,6 +200,8 @@ class Metrics:
             self.batch_size.labels(phase)
         for status in STATUSES:
             self.requests.labels(status)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         for action in MERGE_ACTIONS:
             self.merge_decisions.labels(action)
 
@@ -230,6 +239,14 @@ class Metrics:
             self.adapter_requests.labels(label).inc()
             if generated_tokens > 0:
                 self.adapter_generated_tokens.labels(label).inc(generated_tokens)
+
+    def request_rejected(self, reason: str) -> None:
+        """A request refused before it was queued (bad parameters, unknown adapter,
+        queue full, draining): counted as status `rejected`, and by `reason` (the
+        gRPC code). No tokens and no latencies: it never ran. Not attributed to
+        its adapter, so a flood of unknown ids cannot win adapter labels."""
+        self.requests.labels("rejected").inc()
+        self.rejected.labels(reason).inc()
 
     def token_latency(self, seconds: float) -> None:
         """Time between two consecutive tokens of one request (not the first)."""

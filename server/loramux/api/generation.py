@@ -13,6 +13,7 @@ import grpc
 from loramux.api.errors import Draining, NotFound, status_for
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams, TokenEvent
+from loramux.logs import log_request
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -77,6 +78,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        req: Request | None = None
         try:
             req = self._build(request, context)
             self.engine.validate(req)
@@ -84,10 +86,31 @@ class GenerationService(pb_grpc.GenerationServicer):
             req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
             self.engine.submit(req)
         except RuntimeError as e:  # the engine refuses new work while draining
+            self._rejected(request, req, grpc.StatusCode.UNAVAILABLE, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(Draining(str(e))))
         except Exception as e:
-            await context.abort(status_for(e), str(e))
+            code = status_for(e)
+            self._rejected(request, req, code, e)
+            await context.abort(code, str(e))
         return req, queue
+
+    def _rejected(self, request: pb.GenerateRequest, req: Request | None, code: grpc.StatusCode,
+                  err: BaseException) -> None:
+        """A request refused at admission still gets its metrics count and its log
+        line (status `rejected`), so operators see refusals, not only successes."""
+        if self.engine is not None and self.engine.metrics is not None:
+            self.engine.metrics.request_rejected(code.name.lower())
+        log_request(
+            {
+                "request_id": req.request_id if req is not None else request.request_id or None,
+                "adapter_id": request.adapter_id,
+                "status": "rejected",
+                "prompt_tokens": req.prompt_len if req is not None else None,
+                "generated_tokens": 0,
+                "code": code.name,
+                "error": str(err),
+            }
+        )
 
     def _build(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Request:
         has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
