@@ -1,0 +1,92 @@
+"""Everything a bench run can be told, with defaults sized for a few minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SUITES = ("mixed", "hot", "kinds", "scale")
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class BenchOptions:
+    # the model and where loramux runs
+    preset: str = "cpu"  # synthetic random-weight Llama: tiny | cpu | gpu-1b
+    model: str | None = None  # a model directory instead of a synthetic preset
+    device: str | None = None  # default: the preset's (auto for --model)
+    dtype: str | None = None
+    server: str | None = None  # HOST:PORT of a running server (instead of starting one)
+    merged_server: str | None = None  # HOST:PORT of a running server with a merged cache
+    metrics_url: str | None = None  # the running server's /metrics URL (for load times)
+    spawn: str = "subprocess"  # how the bench starts its servers: subprocess | thread
+    device_slots: int = 16  # --max-device-adapters of the servers the bench starts
+    merged_cache_mb: float = 256.0  # --merged-cache-mb of the merged-cache server
+    # what runs
+    suites: tuple[str, ...] = SUITES
+    rounds: int = 2
+    seed: int = 0
+    # the main workload (suites mixed, hot, kinds)
+    requests: int = 64
+    clients: int = 64
+    rate: float = 0.0  # > 0: Poisson arrivals at this rate instead of a closed loop
+    prompt_len: tuple[int, int] = (16, 64)
+    output_len: tuple[int, int] = (8, 64)
+    adapters: int = 16
+    rank: int = 16
+    targets: tuple[str, ...] = QKVO
+    popularity: str = "uniform"
+    zipf_s: float = 1.0
+    batch_size: int = 16  # the static baselines' batch size
+    peft_loop: bool = True
+    # suite hot: single-stream latency and an 80% hot-adapter mix
+    single_requests: int = 4
+    single_output: int = 32
+    hot_share: float = 0.8
+    # suite kinds: adapters per kind
+    kinds_per_group: int = 8
+    bottleneck_width: int = 32
+    soft_prompt_tokens: int = 16
+    # suite scale
+    scale_adapters: int = 1000
+    scale_counts: tuple[int, ...] = (1, 16, 100, 1000)
+    scale_rank: int = 4
+    scale_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    scale_zipf_s: float = 1.0
+    scale_requests: int = 64
+    # output
+    out: Path = field(default_factory=lambda: Path("bench-results"))
+    workdir: Path | None = None  # default: a temporary directory, removed afterwards
+    plots: bool = True
+
+    def validate(self) -> None:
+        unknown = [s for s in self.suites if s not in SUITES]
+        if unknown:
+            raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+        if self.spawn not in ("subprocess", "thread"):
+            raise ValueError(f"--spawn must be subprocess or thread, got {self.spawn!r}")
+        for name in ("rounds", "requests", "adapters", "rank", "batch_size", "single_requests", "single_output",
+                     "kinds_per_group", "bottleneck_width", "soft_prompt_tokens", "scale_adapters", "scale_rank",
+                     "scale_requests", "device_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if any(not 1 <= n <= self.scale_adapters for n in self.scale_counts):
+            raise ValueError(f"--scale-counts must lie in 1..{self.scale_adapters}, got {self.scale_counts}")
+        if self.adapters < 2 and "hot" in self.suites:
+            raise ValueError("suite hot needs --adapters >= 2 (one hot adapter and the others)")
+
+    @property
+    def scale_reference(self) -> int:
+        """The count the full set is compared with: 16 (the issue's), or the smallest for tiny runs."""
+        return 16 if self.scale_adapters > 16 else min((*self.scale_counts, self.scale_adapters))
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The scale suite's adapter counts: always the reference and the full set."""
+        return tuple(sorted({*self.scale_counts, self.scale_reference, self.scale_adapters}))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["workdir"] = str(self.workdir) if self.workdir else None
+        return d

@@ -1,0 +1,89 @@
+"""`loramux bench` end to end on a tiny configuration: the outputs are there and sane (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loramux.bench.options import BenchOptions
+from loramux.bench.prom import bucket_quantile
+from loramux.bench.workload import WorkloadSpec, make_requests, popularity_weights, static_batches
+from loramux.cli import main
+
+TINY = [
+    "--preset", "tiny", "--spawn", "thread", "--rounds", "1", "--requests", "6", "--clients", "6",
+    "--prompt-len", "3:8", "--output-len", "2:5", "--adapters", "3", "--rank", "4", "--batch-size", "4",
+    "--single-requests", "2", "--single-output", "3", "--kinds-per-group", "2", "--bottleneck-width", "16",
+    "--soft-prompt-tokens", "2", "--scale-adapters", "12", "--scale-counts", "2,12", "--scale-requests", "6",
+    "--device-slots", "4", "--merged-cache-mb", "8",
+]
+EXPECTED = {
+    "mixed": {"loramux-base", "loramux-mixed", "hf-static", "peft-mixed", "peft-loop"},
+    "hot": {"single-base", "single-unmerged", "single-base-msrv", "single-merged", "hot80-base", "hot80-unmerged",
+            "hot80-merged"},
+    "kinds": {"kinds-base", "lora+bottleneck", "lora+soft-prompt", "dora+ia3"},
+    "scale": {"scale-base", "scale-n2", "scale-n12"},
+}
+# Parts of the server that other work may not have landed yet; the bench reports them as unavailable.
+MAY_BE_UNAVAILABLE = {"single-merged", "hot80-merged", "lora+soft-prompt", "lora+bottleneck"}
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_json_has_every_config_with_sane_numbers(bench_out):
+    result = json.loads((bench_out / "result.json").read_text())
+    assert set(result["suites"]) == set(EXPECTED)
+    for suite, names in EXPECTED.items():
+        configs = result["suites"][suite]["configs"]
+        assert set(configs) == names
+        for name, c in configs.items():
+            if c["status"] != "ok":
+                assert name in MAY_BE_UNAVAILABLE and c["reason"], (suite, name, c)
+                continue
+            s = c["summary"]
+            assert s["throughput_tok_s"] > 0 and s["tokens"] > 0, (suite, name)
+            assert s["ttft_p50_s"] > 0 and s["ttft_p99_s"] >= s["ttft_p50_s"], (suite, name)
+            assert s["itl_p50_s"] is not None and s["itl_p50_s"] >= 0, (suite, name)
+    ratios = {r["name"]: r for suite in result["suites"].values() for r in suite["ratios"]}
+    base_vs_hf = ratios["base: loramux / transformers static"]
+    assert base_vs_hf["status"] == "ok" and base_vs_hf["value"] > 0 and base_vs_hf["issues"] == [2]
+    assert ratios["mixed adapters / base-only"]["value"] > 0
+    assert ratios["12 adapters / 2 adapters"]["value"] > 0
+    loads = result["suites"]["scale"]["adapter_load_seconds"]
+    assert loads["count"] > 0  # 12 adapters over 4 device slots: some had to be loaded
+
+
+def test_markdown_lists_configs_and_ratios(bench_out):
+    md = (bench_out / "result.md").read_text()
+    for names in EXPECTED.values():
+        for name in names:
+            assert f"| {name} |" in md
+    assert "| base: loramux / transformers static |" in md
+    assert "2-core" in md or "CPU" in md or "GPU" in md
+
+
+def test_same_prompts_whatever_the_adapters():
+    base = make_requests(WorkloadSpec(num_requests=20, seed=3))
+    mixed = make_requests(WorkloadSpec(num_requests=20, seed=3, adapters=["a", "b", "c"], popularity="zipf"))
+    assert [(r.prompt_ids, r.max_new_tokens) for r in base] == [(r.prompt_ids, r.max_new_tokens) for r in mixed]
+    assert {r.adapter_id for r in base} == {""} and {r.adapter_id for r in mixed} <= {"a", "b", "c"}
+    assert all(16 <= len(r.prompt_ids) <= 64 and 8 <= r.max_new_tokens <= 64 for r in base)
+    assert [len(b) for b in static_batches(base, 8)] == [8, 8, 4]
+
+
+def test_popularity_and_validation():
+    w = popularity_weights(WorkloadSpec(adapters=["a", "b", "c", "d"], popularity="zipf", zipf_s=1.0))
+    assert w == [1.0, 0.5, 1 / 3, 0.25]
+    hot = popularity_weights(WorkloadSpec(adapters=["h", "x", "y"], popularity="hot", hot_share=0.8))
+    assert hot[0] == 0.8 and sum(hot) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        WorkloadSpec(popularity="pareto").validate()
+    with pytest.raises(ValueError):
+        BenchOptions(suites=("nope",)).validate()
+    assert bucket_quantile([(0.1, 5.0), (1.0, 10.0), (float("inf"), 10.0)], 0.5) == pytest.approx(0.1)
