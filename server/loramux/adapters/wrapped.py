@@ -7,12 +7,17 @@ of them read the same `ContextHolder`, which the runner sets once per forward.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import PreTrainedModel
 
 from loramux.adapters.bottleneck import wrap_blocks
 from loramux.adapters.context import ContextHolder
 from loramux.adapters.layers import wrap_linears
+
+if TYPE_CHECKING:
+    from loramux.adapters.soft_prompt import SoftPrompt
 
 
 class WrappedModel:
@@ -29,3 +34,5 @@ class WrappedModel:
         self.linears = wrap_linears(model, self.holder, num_slots)
         # decoder layer index -> wrapped block
         self.blocks = wrap_blocks(model, self.holder, num_slots)
+        # device slot -> its soft prompt (virtual tokens or KV prefix), which the runner places per request
+        self.soft_prompts: dict[int, SoftPrompt] = {}

@@ -91,7 +91,10 @@ class Request:
     kv_slot: int = -1  # row of the KV cache this request owns while running
     adapter_slot: int = -1  # device slot of its adapter (-1 = base model)
     adapter_handle: Any = None  # the adapter cache's lease, released when the request ends
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    # Soft-prompt positions in front of the prompt in its KV row (virtual tokens or a KV prefix of its
+    # adapter), set when its adapter slot is leased: the row holds [virtual][prompt][output].
+    num_virtual: int = 0
+    num_computed: int = 0  # positions whose K/V are in the cache (virtual ones included)
     detok: Any = None  # the request's incremental detokenizer
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -108,6 +111,11 @@ class Request:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Positions the request takes in its KV row: virtual + prompt + output."""
+        return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def all_ids(self) -> list[int]:
