@@ -19,6 +19,7 @@ from typing import Any
 
 from loramux.adapters.adapter import LoadedAdapter
 from loramux.adapters.loader import parse_adapter
+from loramux.adapters.merged import MergedCache
 from loramux.adapters.store import AdapterStore
 from loramux.adapters.wrapped import WrappedModel
 
@@ -67,6 +68,9 @@ class AdapterCache:
         host_cache_bytes: int,
         metrics: Any = None,
         on_ready: Any = None,
+        merged_cache_bytes: int = 0,
+        merge_threshold: float = 0.5,
+        merge_window_tokens: int = 4096,
     ) -> None:
         self.wrapped = wrapped
         self.store = store
@@ -78,6 +82,10 @@ class AdapterCache:
         self.errors: dict[Key, BaseException] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
         self._blocked: set[str] = set()
+        # the merged tier (merged.py): merged W0 + delta copies of hot adapters' weights, per device slot
+        self.merged = MergedCache(wrapped, self.slots, merged_cache_bytes, merge_threshold, merge_window_tokens,
+                                  metrics, on_ready=lambda: self.on_ready())
+        self._plan: tuple[list[Any], int, bool] | None = None  # the last batch's (requests, merged slot, split)
         self._publish()
 
     # --- scheduler interface (engine thread) ---
@@ -120,7 +128,18 @@ class AdapterCache:
             self._evict(slot)  # overwritten or deleted: drop the old weights now
 
     def merged_slot_for(self, requests: list[Any]) -> int:
-        return -1
+        """The slot whose merged weights this batch runs on (-1: none); feeds the hot-adapter policy too."""
+        if not self.merged.enabled:
+            return -1
+        self.merged.observe(requests)
+        slot, split = self.merged.plan(requests)
+        self._plan = (requests, slot, split)
+        return slot
+
+    def split_merged(self, requests: list[Any], slot: int) -> bool:
+        """Whether the merged slot's rows run in a forward of their own (merge_policy.choose_mode)."""
+        plan = self._plan
+        return plan is not None and plan[1] == slot and plan[0] == requests and plan[2]  # same batch
 
     # --- explicit control (engine thread, via Engine.call) ---
     def prefetch(self, adapter_id: str, pin: bool) -> bool:
@@ -135,15 +154,47 @@ class AdapterCache:
         self.release(lease)
         return True
 
+    def merge(self, adapter_id: str, pin: bool = True) -> bool:
+        """LoadAdapter(merge=true): load into a device slot (pinned with `pin`) and merge; True once merged.
+
+        Only starts the work: call again (through Engine.call) until True. ValueError when the merged
+        cache is off, the adapter cannot be merged (bottleneck, soft prompt) or does not fit the budget.
+        A merged copy is pinned exactly while its device slot is."""
+        if not self.merged.enabled:
+            raise ValueError("the merged cache is off (--merged-cache-mb 0)")
+        if not self.prefetch(adapter_id, pin):
+            return False
+        key = (adapter_id, self.store.get(adapter_id).sha256)
+        slot = self._slot_for(key)
+        return slot is not None and self.merged.merge(key, slot.index)
+
+    def unmerge(self, adapter_id: str) -> None:
+        """Drop `adapter_id`'s merged copies; it keeps serving, unmerged, from its slot."""
+        for key in [k for k in self.merged.entries if k[0] == adapter_id]:
+            self.merged.drop(key, "unmerge")
+
     def unpin(self, adapter_id: str) -> None:
         for slot in self.slots:
             if slot.key is not None and slot.key[0] == adapter_id:
                 slot.pinned = False
 
+    def unload(self, adapter_id: str) -> None:
+        """Unpin `adapter_id` and free its idle device slots; the host copy stays (UnloadAdapter)."""
+        self.unmerge(adapter_id)  # at once: requests still running on it go on unmerged
+        for slot in self.slots:
+            if slot.key is not None and slot.key[0] == adapter_id:
+                slot.pinned = False
+                if slot.refs == 0 and slot.loading is None:
+                    self._evict(slot)  # a slot that running requests hold is freed by LRU later
+
     def forget(self, adapter_id: str) -> None:
         """Drop every unused tier entry of `adapter_id` (after an overwrite or delete)."""
         for key in [k for k in self.host if k[0] == adapter_id]:
             del self.host[key]
+        try:
+            self.merged.forget(adapter_id, self.store.get(adapter_id).sha256)
+        except KeyError:  # deleted
+            self.merged.forget(adapter_id, None)
         for slot in self.slots:
             if slot.key is not None and slot.key[0] == adapter_id and slot.refs == 0 and slot.loading is None:
                 if not self._current(slot):
@@ -152,11 +203,11 @@ class AdapterCache:
 
     # --- views (any thread; snapshots) ---
     def state(self, adapter_id: str, sha256: str) -> tuple[str, bool]:
-        """(tier, pinned) of the current weights: 'device', 'host' or 'stored'."""
+        """(tier, pinned) of the current weights: 'merged', 'device', 'host' or 'stored'."""
         key = (adapter_id, sha256)
         for slot in list(self.slots):
             if slot.key == key and slot.adapter is not None:
-                return "device", slot.pinned
+                return ("merged" if self.merged.state(key) else "device"), slot.pinned
         return ("host" if key in self.host else "stored"), False
 
     @property
@@ -165,6 +216,7 @@ class AdapterCache:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self.merged.close()
 
     # --- internals ---
     def _lease(self, slot: Slot) -> Lease:
@@ -199,6 +251,7 @@ class AdapterCache:
         return victim
 
     def _evict(self, slot: Slot) -> None:
+        self.merged.drop_slot(slot.index)
         if slot.adapter is not None:
             slot.adapter.uninstall(self.wrapped, slot.index)
             if self.metrics is not None:

@@ -36,9 +36,23 @@ class AdapterContext:
     merged_slot: int = BASE_SLOT
     # the segments whose slot is an adapter (not BASE_SLOT), precomputed once
     adapter_segments: list[Segment] = field(init=False)
+    # with a merged slot: the adapter segments of the other slots, and the (start, end) row spans of
+    # every row not in the merged slot, base rows included (they undo the merged delta, see layers.py)
+    other_adapter_segments: list[Segment] = field(init=False)
+    other_spans: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.adapter_segments = [s for s in self.segments if s.slot != BASE_SLOT]
+        self.other_adapter_segments, self.other_spans = [], []
+        if self.merged_slot != BASE_SLOT:
+            self.other_adapter_segments = [s for s in self.adapter_segments if s.slot != self.merged_slot]
+            for s in self.segments:
+                if s.slot == self.merged_slot:
+                    continue
+                if self.other_spans and self.other_spans[-1][1] == s.start:
+                    self.other_spans[-1] = (self.other_spans[-1][0], s.end)
+                else:
+                    self.other_spans.append((s.start, s.end))
 
     @property
     def num_tokens(self) -> int:

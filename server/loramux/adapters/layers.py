@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters.context import ContextHolder
-from loramux.adapters.lora_ops import SlotDelta, segment_lora
+from loramux.adapters.context import BASE_SLOT, AdapterContext, ContextHolder
+from loramux.adapters.lora_ops import MergedWeight, SlotDelta, segment_lora, segment_unmerge
 
 
 @dataclass
@@ -51,6 +52,8 @@ class MultiAdapterLinear(nn.Module):
         self._parts: list[_SlotParts | None] = [None] * num_slots
         # slot -> compiled delta; what forward reads
         self.deltas: list[SlotDelta | None] = [None] * num_slots
+        # slot -> merged copy of W0 + delta (merged.py); used when ctx.merged_slot is that slot
+        self.merged: dict[int, MergedWeight] = {}
 
     # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
     @property
@@ -73,18 +76,40 @@ class MultiAdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (the runner's [1, tokens, in]); y: [..., out], base bias included
-        y = self.base_layer(x)
         ctx = self.holder.get()
+        if ctx is not None and ctx.merged_slot != BASE_SLOT:
+            merged = self.merged.get(ctx.merged_slot)
+            # Other rows can undo only a plain LoRA merge; otherwise (DoRA / IA3 here) this layer
+            # computes base + per-row delta, which is exact for every slot, merged or not.
+            if merged is not None and (not ctx.other_spans or self._subtractable(ctx.merged_slot)):
+                return self._forward_merged(x, ctx, merged)
+        y = self.base_layer(x)
         if ctx is None or not ctx.adapter_segments:
             return y
-        # ctx.merged_slot: the merged-weight path (merged.py) will swap W0 for W0 + ΔW here;
-        # until it exists, base + per-row delta is exact for every slot, merged or not.
         x2 = x.reshape(-1, self.in_features)  # [tokens, in]
         y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
         if y2.shape[0] != ctx.num_tokens:
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
         segment_lora(y2, x2, ctx.adapter_segments, self.deltas)
         return y
+
+    def _forward_merged(self, x: torch.Tensor, ctx: AdapterContext, merged: MergedWeight) -> torch.Tensor:
+        # W0 is replaced by the merged weight for every row: the merged slot's rows need no adapter
+        # arithmetic; every other row (base rows too) gets the merged delta subtracted, then its own (dLoRA).
+        y = F.linear(x, merged.weight, merged.bias)  # [..., out]
+        if not ctx.other_spans:
+            return y
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+        y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
+        if y2.shape[0] != ctx.num_tokens:
+            raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
+        segment_unmerge(y2, x2, ctx.other_spans, self.deltas[ctx.merged_slot])
+        segment_lora(y2, x2, ctx.other_adapter_segments, self.deltas)
+        return y
+
+    def _subtractable(self, slot: int) -> bool:
+        d = self.deltas[slot]
+        return d is not None and d.in_scale is None and d.out_scale is None
 
     # ---- installing ------------------------------------------------------------
 
@@ -125,6 +150,23 @@ class MultiAdapterLinear(nn.Module):
         self._slot_index(slot)
         self._parts[slot] = None
         self.deltas[slot] = None
+        self.merged.pop(slot, None)
+
+    def parts(self, slot: int) -> _SlotParts | None:
+        """What is installed in `slot` (read-only; merged.py merges from it)."""
+        return self._parts[self._slot_index(slot)]
+
+    def set_merged(self, slot: int, merged: MergedWeight) -> None:
+        """Use `merged` instead of W0 (and `slot`'s delta) when a forward's merged slot is `slot`."""
+        if self.deltas[self._slot_index(slot)] is None:
+            raise ValueError(f"slot {slot} holds nothing in this layer; there is nothing to merge")
+        self._check(merged.weight, (self.out_features, self.in_features), "merged weight")
+        if merged.bias is not None:
+            self._check(merged.bias, (self.out_features,), "merged bias")
+        self.merged[slot] = merged
+
+    def clear_merged(self, slot: int) -> None:
+        self.merged.pop(self._slot_index(slot), None)
 
     def slot_nbytes(self, slot: int) -> int:
         d = self.deltas[self._slot_index(slot)]

@@ -63,6 +63,31 @@ def segment_lora(
             ys.addmm_(torch.mm(xs, d.a_t), d.b_t)
 
 
+@dataclass
+class MergedWeight:
+    """One slot's merged copy of one layer (merged.py): y = x·weightᵀ + bias stands for base + delta."""
+
+    weight: torch.Tensor  # [out, in] (nn.Linear layout); may be W0 itself (a view) when only the bias changes
+    bias: torch.Tensor | None  # [out]
+    nbytes: int  # bytes this copy owns (a shared W0 view costs nothing)
+
+
+def segment_unmerge(y: torch.Tensor, x: torch.Tensor, spans: Sequence[tuple[int, int]], d: SlotDelta) -> None:
+    """dLoRA: give rows outside the merged slot back their base output, y -= x·Aᵀ·Bᵀ + out_shift, in place.
+
+    Only for a plain LoRA merge (no in_scale / out_scale), where W_merged - W0 = B·A exactly.
+    y: [tokens, out] computed with the merged weight, x: [tokens, in], spans: (start, end) row ranges.
+    """
+    if d.in_scale is not None or d.out_scale is not None:
+        raise ValueError("only a plain LoRA merge can be subtracted; DoRA / IA3 merges are split instead")
+    for start, end in spans:
+        ys = y[start:end]
+        if d.a_t is not None:
+            ys.addmm_(torch.mm(x[start:end], d.a_t), d.b_t, alpha=-1)
+        if d.out_shift is not None:
+            ys.sub_(d.out_shift)
+
+
 def dora_row_scale(w0: torch.Tensor, a: torch.Tensor, b_scaled: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA's g = m / ‖W0 + s·B·A‖ per output row, as PEFT's DoraLinearLayer computes it.
 

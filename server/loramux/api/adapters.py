@@ -152,12 +152,6 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         await self.auth.check(context)
         adapter_id = request.adapter_id
         await self._call(context, self.store.get, adapter_id)  # NOT_FOUND / INVALID_ARGUMENT before any work
-        if request.merge:
-            # Hook for the merged cache: build the W0 + s·BA copy here through
-            # engine.call, then report ADAPTER_STATE_MERGED from cache.state().
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "merge=true needs the merged-weights cache, which is not built yet"
-            )
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
         deadline = loop.time() + min(remaining if remaining is not None else LOAD_TIMEOUT_S, LOAD_TIMEOUT_S)
@@ -165,7 +159,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         while True:
             try:
                 resident, stuck = await asyncio.wrap_future(
-                    self.engine.call(lambda: self._prefetch(adapter_id, request.pin))
+                    self.engine.call(lambda: self._prefetch(adapter_id, request.pin, request.merge))
                 )
             except Exception as e:
                 await self._refuse(context, e, "LoadAdapter")
@@ -179,7 +173,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             if loop.time() > deadline:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"adapter {adapter_id!r} is not resident yet")
             await asyncio.sleep(0.01)
-        log.info("adapter %s loaded into a device slot%s", adapter_id, " and pinned" if request.pin else "")
+        log.info("adapter %s loaded into a device slot%s", adapter_id,
+                 " and merged (pinned)" if request.merge else " and pinned" if request.pin else "")
         return await self._call(context, lambda: self._message(self.store.get(adapter_id)))
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
@@ -230,9 +225,12 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self._forget_infos(adapter_id)
         self.engine.call(lambda: self.cache.forget(adapter_id)).result()
 
-    def _prefetch(self, adapter_id: str, pin: bool) -> tuple[bool, bool]:
-        """Engine thread: (resident, stuck) where stuck means no slot can ever free up."""
-        resident = self.cache.prefetch(adapter_id, pin)
+    def _prefetch(self, adapter_id: str, pin: bool, merge: bool = False) -> tuple[bool, bool]:
+        """Engine thread: (resident, stuck) where stuck means no slot can ever free up.
+
+        merge=true: resident once merged too; it pins (cache.merge), and a bottleneck or soft-prompt
+        adapter, a full merged budget or --merged-cache-mb 0 is a ValueError (INVALID_ARGUMENT)."""
+        resident = self.cache.merge(adapter_id, pin=True) if merge else self.cache.prefetch(adapter_id, pin)
         stuck = not resident and self.cache.waiting_for_slot(adapter_id) and all(s.pinned for s in self.cache.slots)
         return resident, stuck
 

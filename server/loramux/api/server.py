@@ -85,7 +85,12 @@ class LoramuxServer:
         self.wrapped = wrapped
         self.store = AdapterStore(cfg.store)
         await loop.run_in_executor(None, self.store.scan, self.validate_adapter)
-        self.cache = AdapterCache(wrapped, self.store, int(cfg.engine.host_cache_mb * MB), self.metrics)
+        e = cfg.engine
+        self.cache = AdapterCache(
+            wrapped, self.store, int(e.host_cache_mb * MB), self.metrics,
+            merged_cache_bytes=int(e.merged_cache_mb * MB), merge_threshold=e.merge_threshold,
+            merge_window_tokens=e.merge_window_tokens,
+        )
         self.engine = Engine(self.base, wrapped, cfg.engine, adapters=self.cache, metrics=self.metrics)
         self.cache.on_ready = self.engine.wake
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))

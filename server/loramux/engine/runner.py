@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +24,8 @@ class Batch:
     prefill: list[Request]
     decode: list[Request]
     merged_slot: int = -1
+    # run merged_slot's rows in a forward of their own, the other rows in a second one (merge_policy.py)
+    split_merged: bool = False
 
     @property
     def requests(self) -> list[Request]:
@@ -49,10 +51,14 @@ class Runner:
 
         logits: [len(batch.requests), vocab], float32.
         """
+        if batch.split_merged:
+            return self._run_split(batch)
         reqs = batch.requests
         # Rows are grouped by adapter slot so each adapter is one contiguous segment;
         # within a request its tokens stay contiguous and in order.
-        order = sorted(range(len(reqs)), key=lambda i: reqs[i].adapter_slot)
+        # The merged slot's rows go last, so the rows that undo its delta form one span (layers.py).
+        m = batch.merged_slot
+        order = sorted(range(len(reqs)), key=lambda i: (m >= 0 and reqs[i].adapter_slot == m, reqs[i].adapter_slot))
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []
@@ -103,6 +109,26 @@ class Runner:
         for r in reqs:
             r.num_computed = r.total_len
         return out.logits[0].float()  # [len(reqs), vocab]
+
+    def _run_split(self, batch: Batch) -> torch.Tensor:
+        """Two forwards: the merged slot's rows on its merged weights (no adapter arithmetic), the rest unmerged."""
+        m = batch.merged_slot
+        subs = [
+            replace(batch, prefill=[r for r in batch.prefill if (r.adapter_slot == m) == mine],
+                    decode=[r for r in batch.decode if (r.adapter_slot == m) == mine],
+                    merged_slot=m if mine else -1, split_merged=False)
+            for mine in (True, False)
+        ]  # fmt: skip
+        index = {r: i for i, r in enumerate(batch.requests)}
+        out: torch.Tensor | None = None
+        for sub in subs:
+            if not sub.requests:
+                continue
+            logits = self.run(sub)  # [len(sub.requests), vocab]
+            if out is None:
+                out = logits.new_empty((len(index), logits.shape[1]))
+            out[[index[r] for r in sub.requests]] = logits
+        return out
 
 
 def _length_mask(lengths: list[int], device: torch.device) -> torch.Tensor:

@@ -47,6 +47,9 @@ class AdapterSlots(Protocol):
     def merged_slot_for(self, requests: list[Request]) -> int:
         """The slot whose merged weights this batch should run on (-1: none)."""
 
+    def split_merged(self, requests: list[Request], slot: int) -> bool:
+        """Whether that slot's rows run in a forward of their own (called only when the slot is >= 0)."""
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, cache: KVCache, adapters: AdapterSlots | None) -> None:
@@ -103,6 +106,8 @@ class Scheduler:
         self.running.extend(admitted)
         if self.adapters is not None and batch.requests:
             batch.merged_slot = self.adapters.merged_slot_for(batch.requests)
+            if batch.merged_slot >= 0:
+                batch.split_merged = self.adapters.split_merged(batch.requests, batch.merged_slot)
         return batch
 
     def finish(self, req: Request) -> None:
