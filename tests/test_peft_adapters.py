@@ -212,7 +212,7 @@ def test_all_linear_honours_exclude_modules(setups):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, "not supported yet"),
+        ({"peft_type": "MULTITASK_PROMPT_TUNING", "num_virtual_tokens": 4}, "task ids"),
         ({"peft_type": "LOHA"}, "LOHA"),
         ({"r": 4}, "unrecognised"),
     ],

@@ -13,6 +13,7 @@ from pathlib import Path
 from loramux.adapters.adapter import AdapterError, LoadedAdapter
 from loramux.adapters.formats.adapterhub import parse_adapterhub
 from loramux.adapters.formats.peft import parse_peft
+from loramux.adapters.formats.peft_prompt import parse_peft_prompt
 
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -57,9 +58,12 @@ def parse_adapter(config: dict, weights_path: Path, wrapped) -> LoadedAdapter:  
         if peft_type in ("LORA", "IA3"):
             return parse_peft(config, weights_path, wrapped)
         if peft_type in _PEFT_PROMPT_TYPES:
-            # --- PEFT prompt learning (soft prompts, prefixes): to be added (formats/peft_prompt.py) ---
-            raise AdapterError(f"PEFT peft_type {peft_type} adapters are not supported yet")
-        raise AdapterError(f"PEFT peft_type {peft_type!r} is not supported (LORA with or without DoRA, and IA3 are)")
+            # PEFT prompt learning: virtual token embeddings or per-layer KV prefixes (soft prompts)
+            return parse_peft_prompt(config, weights_path, wrapped)
+        raise AdapterError(
+            f"PEFT peft_type {peft_type!r} is not supported (LORA with or without DoRA, IA3, PROMPT_TUNING, "
+            "P_TUNING and PREFIX_TUNING are)"
+        )
     if is_adapterhub_config(config):
         # AdapterHub bottleneck adapters (plain, or a "union" of series and parallel parts)
         return parse_adapterhub(config, weights_path, wrapped)

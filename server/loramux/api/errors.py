@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from loramux.adapters.store import AdapterNotFound, AlreadyExists, UploadTooLarge
 from loramux.engine.scheduler import QueueFull
 
 
@@ -20,12 +21,11 @@ class Draining(RuntimeError):
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status code for an exception raised while serving a request."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if isinstance(exc, (NotFound,)) or "AdapterNotFound" in names:
+    if isinstance(exc, (NotFound, AdapterNotFound)):
         return grpc.StatusCode.NOT_FOUND
-    if "AlreadyExists" in names:
+    if isinstance(exc, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, QueueFull) or "UploadTooLarge" in names:
+    if isinstance(exc, (QueueFull, UploadTooLarge)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, Draining):
         return grpc.StatusCode.UNAVAILABLE

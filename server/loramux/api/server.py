@@ -13,10 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramux.adapters.adapter import AdapterInfo
 from loramux.adapters.cache import AdapterCache
 from loramux.adapters.loader import parse_adapter
 from loramux.adapters.store import AdapterStore
 from loramux.adapters.wrapped import WrappedModel
+from loramux.api.adapters import AdaptersService
+from loramux.api.auth import AdminAuth
 from loramux.api.generation import GenerationService
 from loramux.config import ServerConfig
 from loramux.engine.engine import Engine
@@ -51,6 +54,8 @@ class LoramuxServer:
         self.metrics: Metrics | None = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
+        self._draining = False
+        self._force = False  # a second stop signal: stop waiting for running requests
 
     async def start(self) -> None:
         cfg = self.config
@@ -61,6 +66,8 @@ class LoramuxServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.generation = GenerationService()
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.grpc)
+        self.adapters = AdaptersService(AdminAuth.from_file(cfg.admin_token_file), int(cfg.max_adapter_mb * MB))
+        pb_grpc.add_AdaptersServicer_to_server(self.adapters, self.grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.grpc)
         # Health answers NOT_SERVING while the model loads: bind first, load after.
@@ -95,6 +102,7 @@ class LoramuxServer:
         self.cache.on_ready = self.engine.wake
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
         self.generation.attach(self.engine, self.store.exists)
+        self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -103,7 +111,11 @@ class LoramuxServer:
 
     def validate_adapter(self, config: dict, weights_path: Path) -> str:
         """Parse an adapter against the base model (every check loading does); returns its type."""
-        return parse_adapter(config, weights_path, self.wrapped).info.adapter_type
+        return self.describe_adapter(config, weights_path).adapter_type
+
+    def describe_adapter(self, config: dict, weights_path: Path) -> AdapterInfo:
+        """Like validate_adapter, but the whole AdapterInfo (type, rank, targets) for the Adapters API."""
+        return parse_adapter(config, weights_path, self.wrapped).info
 
     def _warm_up(self) -> None:
         """One real forward before SERVING, so the first client does not pay for lazy set-up."""
@@ -112,6 +124,7 @@ class LoramuxServer:
         req = Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))
         finished: list[bool] = []
         req.sink = lambda ev: finished.append(True) if ev.final else None
+        self.engine.quiet.add(req)  # not client traffic: kept out of metrics and request logs
         self.engine.validate(req)
         self.engine.submit(req)
         deadline = time.monotonic() + 120
@@ -123,17 +136,39 @@ class LoramuxServer:
             await self.health.set(name, status)
 
     async def drain(self) -> None:
-        """Stop admitting, let running requests and streams finish (bounded), then stop."""
+        """Stop admitting, let running requests and streams finish (bounded), then stop.
+
+        The gRPC port stays open while the engine drains, so a new request gets a
+        clear UNAVAILABLE ("draining") rather than a refused connection, and the
+        running streams keep sending. A second call (a second SIGTERM/SIGINT)
+        ends the wait for running requests at once."""
         if self._stopped.is_set():
             return
-        log.info("draining: no new requests; waiting up to %.0fs for running ones", self.config.drain_timeout)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._draining:
+            log.warning("second stop signal: not waiting for running requests")
+            self._force = True
+            return
+        self._draining = True
+        timeout = self.config.drain_timeout
+        deadline = time.monotonic() + timeout
+        # Refuse new work first, synchronously, so that once health reads
+        # NOT_SERVING, every later request is refused.
         if self.engine is not None:
             self.engine.stop_admitting()
-            deadline = time.monotonic() + self.config.drain_timeout
-            while not self.engine.idle and time.monotonic() < deadline:
+        log.info("draining: no new requests; waiting up to %.0fs for running ones", timeout)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine is not None:
+            while not self.engine.idle and time.monotonic() < deadline and not self._force:
                 await asyncio.sleep(0.02)
-        await self.stop(grace=min(5.0, self.config.drain_timeout))
+            if not self.engine.idle:
+                log.warning("drain cut short: %d running and %d waiting requests fail",
+                            self.engine.num_running, self.engine.num_waiting)
+        # What is left of the budget goes to RPCs still in flight: streams sending
+        # their last messages, uploads (which clean up when cancelled). stop()
+        # returns as soon as they are done, so a long grace costs nothing.
+        grace = 0.0 if self._force else max(deadline - time.monotonic(), min(1.0, timeout))
+        await self.stop(grace=grace)
+        log.info("drained and stopped")
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():

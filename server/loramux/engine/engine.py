@@ -24,7 +24,7 @@ from loramux.engine.request import FinishReason, Request, TokenEvent
 from loramux.engine.runner import Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
-from loramux.logs import log_request
+from loramux.logs import log_request, prompts_logged
 from loramux.model import BaseModel
 
 log = logging.getLogger("loramux.engine")
@@ -49,6 +49,7 @@ class Engine:
         self.runner = Runner(wrapped, self.kv)
         self.sampler = Sampler()
         self.scheduler = Scheduler(config, self.kv, adapters)
+        self.scheduler.virtual_tokens = self.runner.virtual_tokens  # soft prompts count in budgets
         self.metrics = metrics
         self.eos = base.eos_token_ids
         self.vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
@@ -59,6 +60,9 @@ class Engine:
         self._admitting = True
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # Requests the server makes itself (the warm-up): run like any other, but
+        # not counted in metrics or logged, so the counters equal client traffic.
+        self.quiet: set[Request] = set()
 
     # --- API side (any thread) ---
     def validate(self, req: Request) -> None:
@@ -165,10 +169,11 @@ class Engine:
                     if not self._inbox and not self._calls and not self._stop:
                         self._cv.wait(timeout=0.05)
         self.scheduler.reap(self._dropped)
-        for r in list(self.scheduler.running):
+        for r in list(self.scheduler.running):  # cut short (drain timeout): counted and logged as errors
             self.scheduler.finish(r)
-            self._emit(r, TokenEvent([], "", [], error=RuntimeError("server shut down")))
+            self._fail(r, RuntimeError("server shut down"))
         self.scheduler.fail_waiting(self._fail)
+        self._gauges()
 
     def step(self) -> bool:
         """One iteration. Returns False when there was nothing to run."""
@@ -196,12 +201,15 @@ class Engine:
         now = time.monotonic()
         for r, tok, lp in zip(batch.requests, tokens, logprobs):
             self._advance(r, tok, lp, now)
+        # Again after the step: requests that finished in it leave the gauges now,
+        # not at the next step (which never comes when the server goes idle).
+        self._gauges()
         return True
 
     def _advance(self, r: Request, tok: int, lp: float | None, now: float) -> None:
         if r.first_token_at is None:
             r.first_token_at = now
-        elif self.metrics is not None and r.last_token_at is not None:
+        elif self.metrics is not None and r.last_token_at is not None and r not in self.quiet:
             self.metrics.token_latency(now - r.last_token_at)
         r.last_token_at = now
         r.output_ids.append(tok)
@@ -211,7 +219,7 @@ class Engine:
             finish = FinishReason.EOS
         elif r.detok.stopped:
             finish = FinishReason.STOP
-        elif len(r.output_ids) >= r.params.max_new_tokens or r.total_len >= self.max_len:
+        elif len(r.output_ids) >= r.params.max_new_tokens or r.seq_len >= self.max_len:
             finish = FinishReason.LENGTH
         final = finish != FinishReason.UNSPECIFIED
         text = r.detok.release(final)
@@ -237,22 +245,26 @@ class Engine:
 
     def _record(self, r: Request, status: str) -> None:
         """The one place a finished request is counted and logged."""
+        if r in self.quiet:
+            self.quiet.discard(r)
+            return
         end = time.monotonic()
         queue_s = (r.first_scheduled or end) - r.arrival
         ttft = (r.first_token_at - r.arrival) if r.first_token_at is not None else None
-        log_request(
-            {
-                "request_id": r.request_id,
-                "adapter_id": r.adapter_id,
-                "status": status,
-                "finish_reason": r.finish_reason.name.lower(),
-                "prompt_tokens": r.prompt_len,
-                "generated_tokens": len(r.output_ids),
-                "queue_s": queue_s,
-                "ttft_s": ttft,
-                "total_s": end - r.arrival,
-            }
-        )
+        record = {
+            "request_id": r.request_id,
+            "adapter_id": r.adapter_id,
+            "status": status,
+            "finish_reason": r.finish_reason.name.lower(),
+            "prompt_tokens": r.prompt_len,
+            "generated_tokens": len(r.output_ids),
+            "queue_s": queue_s,
+            "ttft_s": ttft,
+            "total_s": end - r.arrival,
+        }
+        if prompts_logged():  # --log-prompts: decoded only then, so the default costs nothing
+            record["prompt"] = self.base.tokenizer.decode(r.prompt_ids)
+        log_request(record)
         if self.metrics is not None:
             self.metrics.request_finished(
                 status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None
@@ -261,4 +273,4 @@ class Engine:
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.set_running(len(self.scheduler.running))
-            self.metrics.set_waiting(len(self.scheduler.waiting))
+            self.metrics.set_waiting(len(self.scheduler.waiting) + len(self._inbox))

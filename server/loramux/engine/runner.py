@@ -33,7 +33,7 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.total_len - r.num_computed for r in self.prefill) + len(self.decode)
+        return sum(r.seq_len - r.num_computed for r in self.prefill) + len(self.decode)
 
 
 class Runner:
@@ -69,17 +69,22 @@ class Runner:
         dec_lens: list[int] = []
         prefills: list[PrefillSeq] = []
         n_prefill = len(batch.prefill)
+        # (flat row of the first virtual token, its embeddings [n, hidden]) of prompt-tuned prefills
+        virtual: list[tuple[int, torch.Tensor]] = []
         for i in order:
             r = reqs[i]
             start = len(ids)
-            new = r.all_ids[r.num_computed :]
-            ids.extend(new)
-            pos.extend(range(r.num_computed, r.num_computed + len(new)))
-            rows.extend([r.kv_slot] * len(new))
-            slots.extend([r.adapter_slot] * len(new))
+            if r.num_computed < r.num_virtual:
+                self._place_soft_prompt(r, start, ids, virtual)
+            # A soft-prompted row holds [virtual][prompt][output]: position p is all_ids[p - num_virtual].
+            ids.extend(r.all_ids[max(r.num_computed - r.num_virtual, 0) :])
+            n = len(ids) - start
+            pos.extend(range(r.num_computed, r.num_computed + n))
+            rows.extend([r.kv_slot] * n)
+            slots.extend([r.adapter_slot] * n)
             last_token[i] = len(ids) - 1
-            if i < n_prefill or len(new) != 1:
-                prefills.append(PrefillSeq(start, len(new), r.kv_slot, r.num_computed))
+            if i < n_prefill or n != 1:
+                prefills.append(PrefillSeq(start, n, r.kv_slot, r.num_computed))
             else:
                 dec_tokens.append(start)
                 dec_rows.append(r.kv_slot)
@@ -96,9 +101,17 @@ class Runner:
             prefills=prefills,
         )
         self.wrapped.holder.set(AdapterContext.from_row_slots(slots, dev, merged_slot=batch.merged_slot))
+        input_ids = torch.tensor([ids], device=dev)
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        if virtual:
+            # Only while a prompt-tuned request is prefilled: embed here and put its virtual rows in.
+            embeds = self.model.get_input_embeddings()(input_ids)  # [1, T, hidden]
+            for start, rows_ in virtual:
+                embeds[0, start : start + rows_.shape[0]] = rows_
+            inputs = {"inputs_embeds": embeds}
         try:
             out = self.model(
-                input_ids=torch.tensor([ids], device=dev),
+                **inputs,
                 position_ids=torch.tensor([pos], device=dev),
                 use_cache=False,
                 logits_to_keep=torch.tensor(last_token, device=dev),
@@ -107,7 +120,7 @@ class Runner:
         finally:
             self.wrapped.holder.set(None)
         for r in reqs:
-            r.num_computed = r.total_len
+            r.num_computed = r.seq_len
         return out.logits[0].float()  # [len(reqs), vocab]
 
     def _run_split(self, batch: Batch) -> torch.Tensor:
@@ -129,6 +142,35 @@ class Runner:
                 out = logits.new_empty((len(index), logits.shape[1]))
             out[[index[r] for r in sub.requests]] = logits
         return out
+
+    def virtual_tokens(self, slot: int) -> int:
+        """Positions the soft prompt in `slot` takes in front of a prompt (0: none there)."""
+        sp = self.wrapped.soft_prompts.get(slot)
+        return sp.num_virtual if sp is not None else 0
+
+    def _place_soft_prompt(
+        self, r: Request, start: int, ids: list[int], virtual: list[tuple[int, torch.Tensor]]
+    ) -> None:
+        """At a soft-prompted request's first prefill: its virtual rows (prompt) or its KV prefix (prefix)."""
+        sp = self.wrapped.soft_prompts.get(r.adapter_slot)
+        if sp is None or sp.num_virtual != r.num_virtual:
+            raise RuntimeError(f"request {r.request_id}: its slot {r.adapter_slot} lost its soft prompt")
+        if sp.embeddings is not None:
+            rows_ = sp.embeddings[r.num_computed :]  # [n, hidden]
+            virtual.append((start, rows_))
+            ids.extend([0] * rows_.shape[0])  # placeholders: these rows' embeddings are replaced
+            return
+        # prefix: [layers, 2, kv_heads, P, head_dim] into cache positions 0..P-1 of every layer; the
+        # prompt is then prefilled as context P, at positions P.. (as PEFT's forward places it).
+        p = sp.num_virtual
+        for layer in range(sp.prefix.shape[0]):
+            kv = sp.prefix[layer]  # [2, kv_heads, P, head_dim]
+            k_cache, v_cache = self.cache.layer(layer, kv[0:1])
+            if k_cache.shape[1] != kv.shape[1] or k_cache.shape[3] != kv.shape[3] or k_cache.dtype != kv.dtype:
+                raise RuntimeError(f"layer {layer}: prefix {tuple(kv.shape)} does not fit the KV cache")
+            k_cache[r.kv_slot, :, :p] = kv[0]
+            v_cache[r.kv_slot, :, :p] = kv[1]
+        r.num_computed = p
 
 
 def _length_mask(lengths: list[int], device: torch.device) -> torch.Tensor:

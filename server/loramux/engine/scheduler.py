@@ -58,6 +58,8 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Positions a slot's soft prompt adds in front of a prompt (the engine points it at the runner).
+        self.virtual_tokens: Callable[[int], int] = lambda slot: 0
 
     def reap(self, on_dropped: Callable[[Request, str], None]) -> None:
         """Drop cancelled and expired requests, freeing their KV rows and slots at once."""
@@ -96,12 +98,22 @@ class Scheduler:
                     continue
                 r.adapter_handle = lease
                 r.adapter_slot = lease.slot
+                # A soft prompt's virtual tokens count like prompt tokens (budget, context).
+                r.num_virtual = self.virtual_tokens(lease.slot)
+                if r.num_virtual and (err := self._too_long(r)) is not None:
+                    self._unlease(r)
+                    self.waiting.remove(r)
+                    on_error(r, err)
+                    continue
+                if admitted and r.num_virtual + r.prompt_len > budget:
+                    self._unlease(r)
+                    break
             self.waiting.remove(r)
             r.kv_slot = self.cache.allocate()
             r.status = Status.RUNNING
             r.first_scheduled = time.monotonic()
             admitted.append(r)
-            budget -= r.prompt_len
+            budget -= r.num_virtual + r.prompt_len
         batch = Batch(prefill=admitted, decode=list(self.running))
         self.running.extend(admitted)
         if self.adapters is not None and batch.requests:
@@ -109,6 +121,20 @@ class Scheduler:
             if batch.merged_slot >= 0:
                 batch.split_merged = self.adapters.split_merged(batch.requests, batch.merged_slot)
         return batch
+
+    def _unlease(self, r: Request) -> None:
+        if r.adapter_handle is not None and self.adapters is not None:
+            self.adapters.release(r.adapter_handle)
+        r.adapter_handle, r.adapter_slot, r.num_virtual = None, -1, 0
+
+    def _too_long(self, r: Request) -> ValueError | None:
+        """A soft-prompted request is checked against the context once its virtual tokens are known."""
+        if r.num_virtual + r.prompt_len + r.params.max_new_tokens <= self.cache.max_len:
+            return None
+        return ValueError(
+            f"prompt ({r.prompt_len} tokens) + the adapter's {r.num_virtual} virtual tokens + max_new_tokens "
+            f"({r.params.max_new_tokens}) exceeds the model's context of {self.cache.max_len} tokens"
+        )
 
     def finish(self, req: Request) -> None:
         if req in self.running:
