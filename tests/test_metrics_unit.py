@@ -16,10 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from loramux import logs
 from loramux.logs import log_request, setup_logging
 from loramux.metrics import AdapterLabels, Metrics
-from prometheus_client.parser import text_string_to_metric_families
 
 # Exposed name -> (type, label names). The DESIGN.md table, then our extras.
 EXPECTED: dict[str, tuple[str, frozenset[str]]] = {
