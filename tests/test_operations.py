@@ -321,6 +321,10 @@ def test_sigterm_drains_a_300_token_stream_and_exits_0(serve_process: Callable[.
         p.gen.Generate(greedy([1, 2, 3], 2, request_id="ops-late"), timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "draining" in refused.value.details()  # refused by the server, not a closed port
+    with pytest.raises(grpc.RpcError) as upload:  # uploads too: nothing new starts while draining
+        manifest = pb.AdapterManifest(adapter_id="late", config_json="{}", weights_size=1)
+        pb_grpc.AdaptersStub(p.channel).UploadAdapter(iter([pb.UploadAdapterRequest(manifest=manifest)]), timeout=30)
+    assert upload.value.code() == grpc.StatusCode.UNAVAILABLE
     rejected = scrape(p.metrics_port).get("loramux_requests_rejected_total", reason="unavailable")
     messages.extend(stream)
     assert sum(len(m.token_ids) for m in messages) == 300

@@ -63,6 +63,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         # (id, sha256) -> info, so List/Get do not re-parse weights on every call.
         self._infos: OrderedDict[tuple[str, str], AdapterInfo] = OrderedDict()
         self._infos_lock = threading.Lock()
+        self.draining = False  # set by the server's drain: no new uploads then
 
     def attach(self, store: AdapterStore, cache: AdapterCache, engine: Engine, describe: Describe) -> None:
         self.store, self.cache, self.describe = store, cache, describe
@@ -75,6 +76,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     ) -> pb.Adapter:
         await self._ready(context)
         await self.auth.check(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining and accepts no new uploads")
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "manifest":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest")

@@ -155,6 +155,7 @@ class LoramuxServer:
         # NOT_SERVING, every later request is refused.
         if self.engine is not None:
             self.engine.stop_admitting()
+        self.adapters.draining = True
         log.info("draining: no new requests; waiting up to %.0fs for running ones", timeout)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.engine is not None:
