@@ -121,6 +121,12 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids_from(self, index: int) -> list[int]:
+        """prompt + output tokens from `index` on, without copying the whole sequence (a decode needs one)."""
+        if index >= len(self.prompt_ids):
+            return self.output_ids[index - len(self.prompt_ids) :]
+        return self.prompt_ids[index:] + self.output_ids
+
     def cancel(self) -> None:
         """Thread-safe: the engine frees the request at its next step."""
         self._cancelled.set()

@@ -77,7 +77,7 @@ class Runner:
             if r.num_computed < r.num_virtual:
                 self._place_soft_prompt(r, start, ids, virtual)
             # A soft-prompted row holds [virtual][prompt][output]: position p is all_ids[p - num_virtual].
-            ids.extend(r.all_ids[max(r.num_computed - r.num_virtual, 0) :])
+            ids.extend(r.ids_from(max(r.num_computed - r.num_virtual, 0)))
             n = len(ids) - start
             pos.extend(range(r.num_computed, r.num_computed + n))
             rows.extend([r.kv_slot] * n)
