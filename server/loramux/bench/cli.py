@@ -52,6 +52,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--merged-server", default=None, help="HOST:PORT of a running server with a merged cache")
     g.add_argument("--metrics-url", default=None, help="the running server's /metrics URL (adapter load times)")
     g.add_argument("--spawn", default=d.spawn, choices=["subprocess", "thread"], help="how to start the servers")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the bench process and the servers it starts (default: torch's)")
     g.add_argument("--device-slots", type=int, default=d.device_slots, help="--max-device-adapters of the servers")
     g.add_argument("--merged-cache-mb", type=float, default=d.merged_cache_mb)
     g = p.add_argument_group("what runs")
@@ -115,6 +117,10 @@ def run(opts: BenchOptions) -> dict:
     from loramux.bench.plan import build_suites
     from loramux.bench.report import markdown, plot, write_json
 
+    if opts.threads is not None:  # the baselines run here; a thread-spawned server shares this setting
+        import torch
+
+        torch.set_num_threads(opts.threads)
     temporary = opts.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="loramux-bench-")) if temporary else opts.workdir
     workdir.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ class Environment:
             return target
         settings = ServerSettings(
             model=str(self.model_dir), store=store, device=self.device, dtype=self.dtype,
-            max_device_adapters=o.device_slots, merged_cache_mb=merged_cache_mb,
+            max_device_adapters=o.device_slots, merged_cache_mb=merged_cache_mb, threads=o.threads,
         )
         target = LoramuxTarget(name, settings, spawn=o.spawn, log_path=self.workdir / f"{name}.log")
         target.start()

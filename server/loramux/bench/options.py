@@ -20,7 +20,10 @@ class BenchOptions:
     merged_server: str | None = None  # HOST:PORT of a running server with a merged cache
     metrics_url: str | None = None  # the running server's /metrics URL (for load times)
     spawn: str = "subprocess"  # how the bench starts its servers: subprocess | thread
-    device_slots: int = 16  # --max-device-adapters of the servers the bench starts
+    threads: int | None = None  # torch CPU threads, for the bench process and its servers alike (None: torch's)
+    # --max-device-adapters of the servers the bench starts: 16 mixed adapters fit; the scale run's
+    # working set (about 40 distinct adapters per run of 64 Zipf(1) requests over 1000) does not.
+    device_slots: int = 32
     merged_cache_mb: float = 256.0  # --merged-cache-mb of the merged-cache server
     # what runs
     suites: tuple[str, ...] = SUITES
@@ -40,8 +43,8 @@ class BenchOptions:
     batch_size: int = 16  # the static baselines' batch size
     peft_loop: bool = True
     # suite hot: single-stream latency and an 80% hot-adapter mix
-    single_requests: int = 4
-    single_output: int = 32
+    single_requests: int = 8  # enough tokens (8 x 64) that the median per-token latency is stable
+    single_output: int = 64
     hot_share: float = 0.8
     # suite kinds: adapters per kind
     kinds_per_group: int = 8
@@ -70,6 +73,8 @@ class BenchOptions:
                      "scale_requests", "device_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if any(not 1 <= n <= self.scale_adapters for n in self.scale_counts):
             raise ValueError(f"--scale-counts must lie in 1..{self.scale_adapters}, got {self.scale_counts}")
         if self.adapters < 2 and "hot" in self.suites:

@@ -169,7 +169,7 @@ def _scale(env: Environment) -> Suite:
         configs.append(_served(env, f"scale-n{n}", a, spec, f"{n} LoRA r{o.scale_rank}, Zipf({o.scale_zipf_s:g})"))
     ratios = [Ratio(f"{len(ids)} adapters / {ref} adapters", f"scale-n{len(ids)}", f"scale-n{ref}", goal=0.7,
                     floor=0.7, issues=(8,))]
-    ratios += [Ratio(f"{n} adapters / base-only", f"scale-n{n}", "scale-base") for n in o.counts]
+    ratios += [Ratio(f"{n} adapter{'s' * (n != 1)} / base-only", f"scale-n{n}", "scale-base") for n in o.counts]
     state: dict[str, str | None] = {}
 
     def before() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 log = logging.getLogger("loramux.bench")
@@ -104,7 +105,7 @@ def plot(result: dict, out: Path) -> list[str]:
         ax.set_xlabel("adapters in the workload (Zipf popularity)")
         ax.set_ylabel("generated tokens / s")
         ax.set_ylim(bottom=0)
-        ax.set_title(points["title"], fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(points["title"], 70)), fontsize=9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "throughput_vs_adapters.png", dpi=100)

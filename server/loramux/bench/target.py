@@ -29,6 +29,7 @@ class ServerSettings:
     dtype: str = "auto"
     max_device_adapters: int = 16
     merged_cache_mb: float = 0.0
+    threads: int | None = None  # OMP/MKL threads of a subprocess server
     extra_args: list[str] = field(default_factory=list)  # more `loramux serve` flags, as typed
 
     def argv(self) -> list[str]:
@@ -75,6 +76,8 @@ class LoramuxTarget:
         env = dict(os.environ)
         src = str(Path(loramux.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+        if self.settings.threads is not None:  # torch reads these at start-up
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.settings.threads)
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
         cmd = [sys.executable, "-m", "loramux.cli", "serve", *self.settings.argv()]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
