@@ -87,3 +87,14 @@ def test_popularity_and_validation():
     with pytest.raises(ValueError):
         BenchOptions(suites=("nope",)).validate()
     assert bucket_quantile([(0.1, 5.0), (1.0, 10.0), (float("inf"), 10.0)], 0.5) == pytest.approx(0.1)
+
+
+def test_no_plots_without_matplotlib(bench_out, tmp_path, monkeypatch):
+    import sys
+
+    from loramux.bench.report import plot
+
+    result = json.loads((bench_out / "result.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `plots` extra were not installed
+    assert plot(result, tmp_path) == []
+    assert not list(tmp_path.iterdir())

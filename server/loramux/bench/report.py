@@ -118,7 +118,7 @@ def plot(result: dict, out: Path) -> list[str]:
         for ax, key, label in ((axes[0], "ttft_s", "time to first token (s)"),
                                (axes[1], "itl_s", "per-token latency (ms)")):
             scale = 1000.0 if key == "itl_s" else 1.0
-            data = [[x * scale for x in c["_samples"][key]] or [0.0] for c in ok.values()]
+            data = [[x * scale for x in c.get("_samples", {}).get(key, [])] or [0.0] for c in ok.values()]
             ax.boxplot(data, showfliers=False, whis=(1, 99))
             ax.set_xticks(range(1, len(ok) + 1), list(ok), rotation=30, ha="right", fontsize=8)
             ax.set_ylabel(label)

@@ -45,8 +45,10 @@ def write_synthetic_model(preset: str, directory: Path, seed: int = 0) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     directory.mkdir(parents=True, exist_ok=True)
-    model = build_from_config(tiny_llama_config(**PRESETS[preset][0]), seed=seed)
-    model.save_pretrained(directory)
+    overrides, _device, dtype = PRESETS[preset]
+    model = build_from_config(tiny_llama_config(**overrides), seed=seed)
+    # Saved in the dtype it is served in: a 1B model in bfloat16 is 2 GB on disk, not 4.
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return directory
 
