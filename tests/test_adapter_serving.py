@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 import urllib.request
 
 import pytest
@@ -103,3 +104,30 @@ def test_bad_adapter_in_store_fails_only_its_request(store, tiny_llama_dir, tmp_
         assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         got = list(s.gen.Generate(req([5, 6, 7], 6, "good")).token_ids)
         assert got == peft_greedy(models["lora-attn"], [5, 6, 7], 6)
+
+
+def test_waiting_for_a_slot_is_fair(store, tiny_llama_dir):
+    """One slot held by a long request: a request for another adapter reserves it, and a later
+    request for the resident adapter does not pass the waiting one (no starvation)."""
+    import threading
+
+    root, _ = store
+    done: list[str] = []
+
+    def run(name: str, request: pb.GenerateRequest) -> None:
+        s.gen.Generate(request, timeout=300)
+        done.append(name)
+
+    with ServerThread(tiny_llama_dir, store=root, max_device_adapters=1) as s:
+        first = s.gen.GenerateStream(req([5, 6], 120, "lora-attn"))
+        next(first)  # lora-attn holds the only slot
+        waiting = threading.Thread(target=run, args=("dora", req([7, 8], 4, "dora")))
+        waiting.start()
+        time.sleep(0.3)  # the dora request is queued, waiting for the slot
+        later = threading.Thread(target=run, args=("lora-later", req([9, 10], 4, "lora-attn")))
+        later.start()
+        for _ in first:
+            pass
+        waiting.join(120)
+        later.join(120)
+    assert done == ["dora", "lora-later"]

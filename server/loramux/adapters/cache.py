@@ -45,6 +45,9 @@ class Slot:
     refs: int = 0
     pinned: bool = False
     last_used: float = 0.0
+    # reserved for a request that found every slot held: no new leases, so its running
+    # requests finish, it goes idle, and the waiting request claims it (no starvation)
+    draining: bool = False
 
     @property
     def busy(self) -> bool:
@@ -89,8 +92,13 @@ class AdapterCache:
         self._publish()
 
     # --- scheduler interface (engine thread) ---
-    def acquire(self, adapter_id: str) -> Lease | None:
-        """A lease on a ready slot, or None while it loads or waits for a slot; raises on bad adapters."""
+    def acquire(self, adapter_id: str, may_load: bool = True) -> Lease | None:
+        """A lease on a ready slot, or None while it loads or waits for a slot; raises on bad adapters.
+
+        With `may_load=False` only an adapter already resident is leased: nothing is
+        loaded, evicted or reserved (the scheduler's way to let requests pass an older
+        one that waits for a slot, without taking that slot from it).
+        """
         record = self.store.get(adapter_id)  # AdapterNotFound for unknown or deleted ids
         key = (adapter_id, record.sha256)
         if key in self.errors:
@@ -102,15 +110,20 @@ class AdapterCache:
             if not self._finish_load(slot):
                 return self.acquire(adapter_id)  # the load failed or raced an overwrite: try again
         if slot is not None:
+            if slot.draining:
+                return None  # being freed for an older request; this one loads again afterwards
             if self.metrics is not None:
                 self.metrics.cache_hit("device")
             return self._lease(slot)
+        if not may_load:
+            return None
         self._blocked.discard(adapter_id)
         if self.metrics is not None:
             self.metrics.cache_miss("device")
         free = self._claim_slot()
         if free is None:
             self._blocked.add(adapter_id)
+            self._reserve_slot()
             return None
         free.key = key
         free.loading = self._worker.submit(self._load, key)
@@ -239,16 +252,30 @@ class AdapterCache:
             return False
 
     def _claim_slot(self) -> Slot | None:
-        """A free slot, or the least recently used one that nothing holds (evicted)."""
+        """A free slot, or the reserved or least recently used one that nothing holds (evicted)."""
         free = [s for s in self.slots if s.key is None]
         if free:
             return free[0]
         idle = [s for s in self.slots if not s.busy]
         if not idle:
             return None
-        victim = min(idle, key=lambda s: s.last_used)
+        victim = min(idle, key=lambda s: (not s.draining, s.last_used))
         self._evict(victim)
         return victim
+
+    def _reserve_slot(self) -> None:
+        """Every slot is held: stop leasing the one that frees soonest (fewest running requests).
+
+        One reservation at a time; the slots that are not reserved keep serving their
+        adapters, so a request waiting for a slot costs the batch one slot, not all.
+        """
+        if any(s.draining for s in self.slots):
+            return
+        candidates = [s for s in self.slots if s.adapter is not None and not s.pinned and s.loading is None]
+        if candidates:
+            victim = min(candidates, key=lambda s: (s.refs, s.last_used))
+            victim.draining = True
+            log.info("reserving device slot %d (adapter %s) for a waiting request", victim.index, victim.key[0])
 
     def _evict(self, slot: Slot) -> None:
         self.merged.drop_slot(slot.index)
@@ -258,6 +285,7 @@ class AdapterCache:
                 self.metrics.eviction("device")
             log.info("evicted adapter %s from device slot %d", slot.key[0], slot.index)
         slot.key, slot.adapter, slot.loading, slot.refs, slot.pinned = None, None, None, 0, False
+        slot.draining = False
         self._publish()
 
     def _load(self, key: Key) -> LoadResult:

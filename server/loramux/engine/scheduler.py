@@ -6,10 +6,11 @@ to prefill and every running request's next token. A request joins at the step
 after it arrives and leaves the step it finishes.
 
 Fairness with adapter slots: when the oldest request that needs an adapter cannot
-get a device slot (all are held by running requests), later requests that need a
-slot are not admitted past it; only base-model requests (which hold no slot) may.
-Running requests finish, slots free, and the oldest goes first: no starvation, and
-no deadlock since a running request never waits for a slot.
+get a device slot (all are held by running requests), the cache reserves the slot
+that frees soonest (it takes no new requests). Later requests may pass the waiting
+one only when their adapter is already resident in another slot; none may load an
+adapter past it. The reserved slot's requests finish, the oldest request claims it:
+no starvation, and no deadlock since a running request never waits for a slot.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class SlotLease(Protocol):
 class AdapterSlots(Protocol):
     """What the scheduler needs from the adapter cache."""
 
-    def acquire(self, adapter_id: str) -> SlotLease | None:
-        """A lease on a ready device slot, or None while it loads or waits for a slot. Raises on bad adapters."""
+    def acquire(self, adapter_id: str, may_load: bool = True) -> SlotLease | None:
+        """A lease on a ready device slot, or None while it loads or waits for a slot. Raises on bad adapters.
+
+        may_load=False: lease only if already resident (load, evict or reserve nothing)."""
 
     def waiting_for_slot(self, adapter_id: str) -> bool:
         """True when `adapter_id` is not loading because every slot is held."""
@@ -85,16 +88,16 @@ class Scheduler:
             if admitted and r.prompt_len > budget:
                 break  # arrival order: a later, shorter prompt does not pass this one
             if r.adapter_id:
-                if slot_blocked or self.adapters is None:
+                if self.adapters is None:
                     continue
                 try:
-                    lease = self.adapters.acquire(r.adapter_id)
+                    lease = self.adapters.acquire(r.adapter_id, may_load=not slot_blocked)
                 except Exception as e:  # a bad or vanished adapter fails this request only
                     self.waiting.remove(r)
                     on_error(r, e)
                     continue
                 if lease is None:
-                    slot_blocked = self.adapters.waiting_for_slot(r.adapter_id)
+                    slot_blocked = slot_blocked or self.adapters.waiting_for_slot(r.adapter_id)
                     continue
                 r.adapter_handle = lease
                 r.adapter_slot = lease.slot
