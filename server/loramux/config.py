@@ -18,7 +18,7 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests; beyond it new ones get RESOURCE_EXHAUSTED
     max_model_len: int = 0  # prompt + output tokens per request; 0 = the model's context (capped at 4096)
     default_max_new_tokens: int = 128
-    max_device_adapters: int = 8  # device slots
+    max_device_adapters: int = 32  # device slots (each holds only its adapter's weights)
     host_cache_mb: float = 1024.0  # host-memory tier budget
     merged_cache_mb: float = 0.0  # merged W0+BA budget; 0 turns the merged path off
     merge_threshold: float = 0.5  # share of recent tokens that makes an adapter hot
