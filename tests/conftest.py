@@ -28,3 +28,11 @@ def reference_llama(tiny_llama_dir: Path):  # noqa: ANN201
     m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, local_files_only=True).eval()
     m.config = copy.deepcopy(m.config)
     return m
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The registry tests' adapters (PEFT LoRAs made once): two for the tiny Llama, one for a wider one."""
+    from registry_helpers import make_adapters
+
+    return make_adapters(tmp_path_factory.mktemp("made"))

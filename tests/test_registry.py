@@ -19,17 +19,11 @@ from registry_helpers import (
     code_of,
     generate,
     listed,
-    make_adapters,
     put,
     running_server,
 )
 
 from loramux.v1 import loramux_pb2 as pb
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Adapter]:
-    return make_adapters(tmp_path_factory.mktemp("made"))
 
 
 @pytest.fixture(scope="module")

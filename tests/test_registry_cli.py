@@ -20,7 +20,6 @@ from registry_helpers import (
     Running,
     code_of,
     listed,
-    make_adapters,
     running_server,
     self_signed,
     upload,
@@ -28,11 +27,6 @@ from registry_helpers import (
 
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Adapter]:
-    return make_adapters(tmp_path_factory.mktemp("made"))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from registry_helpers import (
     assert_store_clean,
     code_of,
     listed,
-    make_adapters,
     put,
     running_server,
     upload,
@@ -34,11 +33,6 @@ from safetensors.torch import load, save
 from loramux.api.adapters import AdaptersService, decode_page_token, encode_page_token
 from loramux.api.auth import AdminAuth
 from loramux.v1 import loramux_pb2 as pb
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Adapter]:
-    return make_adapters(tmp_path_factory.mktemp("made"))
 
 
 @pytest.fixture(scope="module")
