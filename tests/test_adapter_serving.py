@@ -86,6 +86,8 @@ def test_all_kinds_in_flight_with_base_rows_and_few_slots(store, tiny_llama_dir,
     device_evictions = 'loramux_adapter_cache_evictions_total{tier="device"}'
     evictions = [ln for ln in metrics.splitlines() if ln.startswith(device_evictions)]
     assert evictions and float(evictions[0].split()[-1]) >= 4
+    stored = [ln for ln in metrics.splitlines() if ln.startswith('loramux_adapters_resident{tier="store"}')]
+    assert float(stored[0].split()[-1]) == len(models)
 
 
 def test_bad_adapter_in_store_fails_only_its_request(store, tiny_llama_dir, tmp_path):

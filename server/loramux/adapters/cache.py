@@ -349,6 +349,8 @@ class AdapterCache:
         self.metrics.set_resident("device", len(on_device), sum(s.adapter.nbytes() for s in on_device))
         self.metrics.set_resident("host", len(self.host), sum(a.nbytes() for a in self.host.values()))
         self.metrics.set_slots_free(self.free_slots)
+        stored = self.store.list()  # the store tier: every published adapter (bytes = weights files)
+        self.metrics.set_resident("store", len(stored), sum(r.size for r in stored))
 
 
 class _Stale(Exception):
