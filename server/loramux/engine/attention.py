@@ -42,9 +42,13 @@ class AttentionMeta:
     # decode tokens: one per running sequence; dec_tokens: [B] flat indices, dec_rows: [B] cache rows
     dec_tokens: torch.Tensor | None
     dec_rows: torch.Tensor | None
-    # dec_mask: [B, 1, 1, L] True where a key position is valid; L = longest context among them
+    # dec_mask: True where a key position is valid; L = longest context among them. Either
+    # [B, 1, 1, L] (gathered: one row per decode token) or, when the decode rows are packed
+    # near row 0, [R, 1, 1, L] over cache rows 0..R-1 (dense: rows without a decode token
+    # see every key, so no row is all-masked, and their output is discarded)
     dec_mask: torch.Tensor | None
     prefills: list[PrefillSeq]
+    dec_dense: bool = False
 
 
 def flat_attention(
@@ -73,9 +77,18 @@ def flat_attention(
     if meta.dec_tokens is not None:
         length = meta.dec_mask.shape[-1]
         qd = q[:, meta.dec_tokens].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        kd = k_cache[meta.dec_rows, :, :length]  # [B, kv_heads, L, d]
-        vd = v_cache[meta.dec_rows, :, :length]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa)
+        if meta.dec_dense:
+            # Rows 0..R-1 of the cache as views: no copy of anyone's K/V (a gather copies them all).
+            rows = meta.dec_mask.shape[0]
+            qr = qd.new_zeros(rows, *qd.shape[1:])  # [R, heads, 1, d]
+            qr[meta.dec_rows] = qd
+            kd, vd = k_cache[:rows, :, :length], v_cache[:rows, :, :length]  # [R, kv_heads, L, d]
+            od = F.scaled_dot_product_attention(qr, kd, vd, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa)
+            od = od[meta.dec_rows]
+        else:
+            kd = k_cache[meta.dec_rows, :, :length]  # [B, kv_heads, L, d]
+            vd = v_cache[meta.dec_rows, :, :length]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa)
         out[meta.dec_tokens] = od.squeeze(2)
 
     for p in meta.prefills:

@@ -8,6 +8,8 @@ any architecture that goes through the attention interface works unchanged.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -19,19 +21,21 @@ class KVCache:
         self.max_len = max_len
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self._free = list(range(max_seqs - 1, -1, -1))
+        # A min-heap: the lowest free row first, so running rows stay packed near row 0 and
+        # decode attention can read rows [0, R) as a view instead of gathering them (attention.py).
+        self._free = list(range(max_seqs))
 
     # --- rows ---
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("KV cache has no free row")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
         if row < 0:
             return
         # Stale K/V in a released row are never read: reads are bounded by each sequence's length.
-        self._free.append(row)
+        heapq.heappush(self._free, row)
 
     @property
     def free_rows(self) -> int:

@@ -91,14 +91,18 @@ class Runner:
                 dec_lens.append(r.num_computed + 1)
 
         dev = self.device
+        # Dense decode attention reads cache rows 0..R-1 as views; worth it while few of them
+        # are idle (rows are handed out lowest-first, so running ones stay packed).
+        dense = bool(dec_rows) and max(dec_rows) + 1 <= 2 * len(dec_rows)
         meta = AttentionMeta(
             cache=self.cache,
             write_rows=torch.tensor(rows, device=dev),
             write_pos=torch.tensor(pos, device=dev),
             dec_tokens=torch.tensor(dec_tokens, device=dev) if dec_tokens else None,
             dec_rows=torch.tensor(dec_rows, device=dev) if dec_rows else None,
-            dec_mask=_length_mask(dec_lens, dev) if dec_lens else None,
+            dec_mask=_length_mask(dec_lens, dec_rows if dense else None, dev) if dec_lens else None,
             prefills=prefills,
+            dec_dense=dense,
         )
         self.wrapped.holder.set(AdapterContext.from_row_slots(slots, dev, merged_slot=batch.merged_slot))
         input_ids = torch.tensor([ids], device=dev)
@@ -173,7 +177,18 @@ class Runner:
         r.num_computed = p
 
 
-def _length_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
-    # [B, 1, 1, L]: key position j is visible to sequence b when j < lengths[b]
-    lens = torch.tensor(lengths, device=device)
-    return (torch.arange(int(max(lengths)), device=device)[None, :] < lens[:, None])[:, None, None, :]
+def _length_mask(lengths: list[int], rows: list[int] | None, device: torch.device) -> torch.Tensor:
+    """Key position j is visible to sequence b when j < lengths[b].
+
+    rows=None: [B, 1, 1, L], one row per sequence. rows given: [R, 1, 1, L] indexed by cache
+    row (R = max row + 1); rows without a sequence see every key (never an all-masked row).
+    """
+    longest = int(max(lengths))
+    if rows is None:
+        lens = torch.tensor(lengths, device=device)
+    else:
+        by_row = [longest] * (max(rows) + 1)
+        for row, n in zip(rows, lengths):
+            by_row[row] = n
+        lens = torch.tensor(by_row, device=device)
+    return (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
