@@ -16,11 +16,11 @@ from peft_helpers import flat_batch, greedy, make_peft_adapter, reference_logits
 
 from loramux.adapters import layers as layers_mod
 from loramux.adapters import merged as merged_mod
-from loramux.adapters.cache import Slot
 from loramux.adapters.context import BASE_SLOT, AdapterContext
 from loramux.adapters.loader import load_adapter_dir
 from loramux.adapters.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
 from loramux.adapters.merged import MergedCache
+from loramux.adapters.slot import Slot
 from loramux.adapters.wrapped import WrappedModel
 from loramux.engine.runner import Runner
 from loramux.model import build_from_config, tiny_gpt2_config, tiny_llama_config

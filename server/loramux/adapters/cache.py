@@ -12,47 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from loramux.adapters.adapter import LoadedAdapter
+from loramux.adapters.host_tier import HostTier, Key
 from loramux.adapters.loader import parse_adapter
 from loramux.adapters.merged import MergedCache
+from loramux.adapters.slot import Lease, Slot
 from loramux.adapters.store import AdapterStore
 from loramux.adapters.wrapped import WrappedModel
 
 log = logging.getLogger("loramux.adapters")
-
-Key = tuple[str, str]  # (adapter_id, weights sha256)
-
-
-@dataclass
-class Lease:
-    """A running request's hold on a device slot."""
-
-    slot: int
-    key: Key
-
-
-@dataclass
-class Slot:
-    index: int
-    key: Key | None = None
-    adapter: LoadedAdapter | None = None  # the device copy, once installed
-    loading: Future | None = None  # worker job filling this slot
-    refs: int = 0
-    pinned: bool = False
-    last_used: float = 0.0
-    # reserved for a request that found every slot held: no new leases, so its running
-    # requests finish, it goes idle, and the waiting request claims it (no starvation)
-    draining: bool = False
-
-    @property
-    def busy(self) -> bool:
-        return self.refs > 0 or self.pinned or self.loading is not None
-
 
 @dataclass
 class LoadResult:
@@ -77,11 +49,10 @@ class AdapterCache:
     ) -> None:
         self.wrapped = wrapped
         self.store = store
-        self.host_budget = host_cache_bytes
         self.metrics = metrics
         self.on_ready = on_ready or (lambda: None)
         self.slots = [Slot(i) for i in range(wrapped.num_slots)]
-        self.host: OrderedDict[Key, LoadedAdapter] = OrderedDict()
+        self.host = HostTier(host_cache_bytes, metrics)
         self.errors: dict[Key, BaseException] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
         self._blocked: set[str] = set()
@@ -202,8 +173,7 @@ class AdapterCache:
 
     def forget(self, adapter_id: str) -> None:
         """Drop every unused tier entry of `adapter_id` (after an overwrite or delete)."""
-        for key in [k for k in self.host if k[0] == adapter_id]:
-            del self.host[key]
+        self.host.drop(adapter_id)
         try:
             self.merged.forget(adapter_id, self.store.get(adapter_id).sha256)
         except KeyError:  # deleted
@@ -333,21 +303,14 @@ class AdapterCache:
     def _remember_host(self, key: Key, adapter: LoadedAdapter | None) -> None:
         if adapter is None:
             return
-        self.host[key] = adapter
-        self.host.move_to_end(key)
-        while self.host and sum(a.nbytes() for a in self.host.values()) > self.host_budget:
-            old, _ = self.host.popitem(last=False)
-            if self.metrics is not None:
-                self.metrics.eviction("host")
-            if old == key:
-                break
+        self.host.put(key, adapter)
 
     def _publish(self) -> None:
         if self.metrics is None:
             return
         on_device = [s for s in self.slots if s.adapter is not None]
         self.metrics.set_resident("device", len(on_device), sum(s.adapter.nbytes() for s in on_device))
-        self.metrics.set_resident("host", len(self.host), sum(a.nbytes() for a in self.host.values()))
+        self.metrics.set_resident("host", len(self.host), self.host.nbytes)
         self.metrics.set_slots_free(self.free_slots)
         stored = self.store.list()  # the store tier: every published adapter (bytes = weights files)
         self.metrics.set_resident("store", len(stored), sum(r.size for r in stored))

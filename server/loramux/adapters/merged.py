@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from loramux.adapters.adapter import AdapterError, LoadedAdapter
+from loramux.adapters.host_tier import Key
 from loramux.adapters.layers import MultiAdapterLinear, find_decoder_layers
 from loramux.adapters.lora_ops import MergedWeight
 from loramux.adapters.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
@@ -41,7 +42,6 @@ from loramux.adapters.wrapped import WrappedModel
 
 log = logging.getLogger("loramux.adapters")
 
-Key = tuple[str, str]  # (adapter_id, weights sha256)
 # per layer: (layer name, a copy of what the slot holds there, W0 [out, in], b0 [out] or None)
 Snapshot = list[tuple[str, Any, torch.Tensor, torch.Tensor | None]]
 

@@ -1,0 +1,37 @@
+"""A device slot of the adapter cache, and a running request's lease on one."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from loramux.adapters.adapter import LoadedAdapter
+from loramux.adapters.host_tier import Key
+
+__all__ = ["Key", "Lease", "Slot"]
+
+
+@dataclass
+class Lease:
+    """A running request's hold on a device slot."""
+
+    slot: int
+    key: Key
+
+
+@dataclass
+class Slot:
+    index: int
+    key: Key | None = None
+    adapter: LoadedAdapter | None = None  # the device copy, once installed
+    loading: Future | None = None  # worker job filling this slot
+    refs: int = 0
+    pinned: bool = False
+    last_used: float = 0.0
+    # reserved for a request that found every slot held: no new leases, so its running
+    # requests finish, it goes idle, and the waiting request claims it (no starvation)
+    draining: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.refs > 0 or self.pinned or self.loading is not None
