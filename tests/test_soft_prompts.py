@@ -272,3 +272,38 @@ def test_upload_list_and_serve(store, tiny_llama_dir, tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             _upload(s, "up-deep", tmp_path / "deep")
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_layers" in e.value.details()
+
+
+def test_a_failing_request_does_not_fail_its_batch(store, tiny_llama_dir, reference_llama, caplog):
+    """A forward that fails is rerun request by request: only the broken one gets INTERNAL.
+
+    The failure is real, not mocked: the installed soft prompt's embeddings are replaced by
+    ones of the wrong width, so placing them into the batch's embeddings raises.
+    """
+    import threading
+    import time
+
+    import grpc
+
+    root, _ = store
+    with ServerThread(tiny_llama_dir, store=root, max_device_adapters=4) as s:
+        s.gen.Generate(req([5, 6], 1, "prompt"))  # loads it into a slot
+        (sp,) = [p for p in s.server.wrapped.soft_prompts.values() if p.embeddings is not None]
+        sp.embeddings = torch.zeros(sp.embeddings.shape[0], sp.embeddings.shape[1] + 1)
+        # Hold the engine loop so that all four requests are admitted in one step, one batch.
+        gate = threading.Event()
+        s.engine.call(lambda: gate.wait(30))
+        prompts = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
+        futures = [s.gen.Generate.future(req(p, 6)) for p in prompts]
+        broken = s.gen.Generate.future(req([5, 6, 7], 6, "prompt"))
+        deadline = time.monotonic() + 30
+        while s.engine.num_waiting < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        with pytest.raises(grpc.RpcError) as e:
+            broken.result(timeout=120)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        for p, f in zip(prompts, futures):
+            assert list(f.result(timeout=120).token_ids) == forward_greedy(reference_llama, p, 6)[0]
+        assert list(s.gen.Generate(req([1, 2, 3], 4)).token_ids) == forward_greedy(reference_llama, [1, 2, 3], 4)[0]
+    assert any("forward failed for 4 requests" in r.getMessage() for r in caplog.records)

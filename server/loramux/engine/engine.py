@@ -21,7 +21,7 @@ from loramux.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.kv_cache import KVCache
 from loramux.engine.request import FinishReason, Request, TokenEvent
-from loramux.engine.runner import Runner
+from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
 from loramux.logs import log_request, prompts_logged
@@ -185,26 +185,51 @@ class Engine:
         phase = "prefill" if batch.prefill else "decode"
         t0 = time.perf_counter()
         try:
+            reqs = batch.requests
             logits = self.runner.run(batch)
-            tokens, logprobs = self.sampler.sample(logits, batch.requests)
-        except Exception as e:
-            log.exception("forward failed for %d requests", len(batch.requests))
-            for r in batch.requests:
-                self.scheduler.finish(r)
-                self._fail(r, e)
-            return True
+            tokens, logprobs = self.sampler.sample(logits, reqs)
+        except Exception:
+            log.exception("forward failed for %d requests; running them one by one", len(batch.requests))
+            reqs, tokens, logprobs = self._isolate(batch)
         if self.metrics is not None:
             self.metrics.forward(phase, time.perf_counter() - t0)
             if batch.merged_slot >= 0:
                 self.metrics.merged_batch()
         self.steps += 1
         now = time.monotonic()
-        for r, tok, lp in zip(batch.requests, tokens, logprobs):
+        for r, tok, lp in zip(reqs, tokens, logprobs):
             self._advance(r, tok, lp, now)
         # Again after the step: requests that finished in it leave the gauges now,
         # not at the next step (which never comes when the server goes idle).
         self._gauges()
         return True
+
+    def _isolate(self, batch: Batch) -> tuple[list[Request], list[int], list[float | None]]:
+        """After a failed forward: run each request alone, so only the one that fails gets INTERNAL.
+
+        Safe to repeat: a request's `num_computed` advances only after a forward succeeds, and
+        re-running writes the same K/V to the same cache positions.
+        """
+        ok: list[Request] = []
+        tokens: list[int] = []
+        logprobs: list[float | None] = []
+        for r in batch.requests:
+            alone = Batch(
+                prefill=[r] if r in batch.prefill else [],
+                decode=[] if r in batch.prefill else [r],
+                merged_slot=batch.merged_slot if r.adapter_slot == batch.merged_slot else -1,
+            )
+            try:
+                tok, lp = self.sampler.sample(self.runner.run(alone), [r])
+            except Exception as e:
+                log.exception("request %s failed in the forward", r.request_id)
+                self.scheduler.finish(r)
+                self._fail(r, e)
+                continue
+            ok.append(r)
+            tokens.extend(tok)
+            logprobs.extend(lp)
+        return ok, tokens, logprobs
 
     def _advance(self, r: Request, tok: int, lp: float | None, now: float) -> None:
         if r.first_token_at is None:
