@@ -50,3 +50,31 @@ def test_kv_rows_are_handed_out_lowest_first():
     cache.release(1)
     cache.release(0)
     assert cache.allocate() == 0 and cache.allocate() == 1 and cache.allocate() == 4
+
+
+def test_kv_cache_size_is_estimated_from_the_config():
+    from loramux.engine.kv_cache import kv_cache_bytes
+
+    llama = tiny_llama_config()  # 2 layers, 2 KV heads of 16
+    assert kv_cache_bytes(llama, 8, 100, torch.float32) == 2 * 2 * 8 * 2 * 100 * 16 * 4
+    gpt2 = tiny_gpt2_config()  # 2 layers, 4 heads of 16 (no GQA)
+    assert kv_cache_bytes(gpt2, 8, 100, torch.bfloat16) == 2 * 2 * 8 * 4 * 100 * 16 * 2
+    # The real allocation agrees with the estimate.
+    cache = KVCache(8, 100)
+    runner = Runner(WrappedModel(build_from_config(llama, seed=0), num_slots=1), cache)
+    r = Request("r", [5, 6, 7], SamplingParams())
+    r.kv_slot = cache.allocate()
+    runner.run(Batch(prefill=[r], decode=[]))
+    assert cache.nbytes() == kv_cache_bytes(llama, 8, 100, torch.float32)
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_at_start(tiny_llama_dir):
+    from loramux.config import EngineConfig
+    from loramux.engine.engine import Engine
+    from loramux.model import load_base_model
+
+    base = load_base_model(str(tiny_llama_dir), device="cpu")
+    wrapped = WrappedModel(base.model, num_slots=1)
+    huge = EngineConfig(max_running=10**9, max_model_len=512)
+    with pytest.raises(ValueError, match="--max-running"):
+        Engine(base, wrapped, huge)

@@ -19,7 +19,7 @@ import torch
 
 from loramux.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
-from loramux.engine.kv_cache import KVCache
+from loramux.engine.kv_cache import KVCache, available_bytes, kv_cache_bytes
 from loramux.engine.request import FinishReason, Request, TokenEvent
 from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
@@ -45,6 +45,7 @@ class Engine:
         self.base = base
         self.config = config
         self.max_len = min(config.max_model_len or min(base.max_context, 4096), base.max_context)
+        self._check_kv_fits(base, config.max_running, self.max_len)
         self.kv = KVCache(config.max_running, self.max_len)
         self.runner = Runner(wrapped, self.kv)
         self.sampler = Sampler()
@@ -63,6 +64,18 @@ class Engine:
         # Requests the server makes itself (the warm-up): run like any other, but
         # not counted in metrics or logged, so the counters equal client traffic.
         self.quiet: set[Request] = set()
+
+    @staticmethod
+    def _check_kv_fits(base: BaseModel, max_running: int, max_len: int) -> None:
+        """Refuse at start a KV cache that cannot fit (it is allocated at the first forward)."""
+        need = kv_cache_bytes(base.model.config, max_running, max_len, base.dtype)
+        free = available_bytes(base.device)
+        log.info("KV cache: %d rows x %d tokens = %.1f MiB on %s", max_running, max_len, need / 2**20, base.device)
+        if free is not None and need > 0.9 * free:
+            raise ValueError(
+                f"the KV cache needs {need / 2**30:.1f} GiB ({max_running} rows x {max_len} tokens) but only "
+                f"{free / 2**30:.1f} GiB is free on {base.device}; lower --max-running or --max-model-len"
+            )
 
     # --- API side (any thread) ---
     def validate(self, req: Request) -> None:

@@ -55,3 +55,33 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+
+def kv_cache_bytes(model_config: object, max_seqs: int, max_len: int, dtype: torch.dtype) -> int:
+    """What the lazily allocated buffers will take: 2 (K, V) x layers x rows x kv_heads x len x head_dim.
+
+    Read from the model config (Llama-style and GPT-2 names), so the engine can refuse a
+    configuration that cannot fit before the first forward runs out of memory.
+    """
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(layers) * max_seqs * int(kv_heads) * max_len * int(head_dim) * itemsize
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
