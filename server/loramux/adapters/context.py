@@ -12,7 +12,9 @@ contiguous run is one segment.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +42,18 @@ class AdapterContext:
     # every row not in the merged slot, base rows included (they undo the merged delta, see layers.py)
     other_adapter_segments: list[Segment] = field(init=False)
     other_spans: list[tuple[int, int]] = field(init=False)
+    # per-forward values that every layer shares, built by the first layer that asks (see `memo`)
+    _memo: dict[Hashable, Any] = field(init=False, repr=False, default_factory=dict)
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """`build()` once per forward per key; later calls (other layers) get the same value.
+
+        Batched LoRA keeps its gather indices here (lora_batched.py): computed once, on the device,
+        instead of once per wrapped layer.
+        """
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def __post_init__(self) -> None:
         self.adapter_segments = [s for s in self.segments if s.slot != BASE_SLOT]

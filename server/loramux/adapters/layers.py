@@ -3,7 +3,8 @@
 A `MultiAdapterLinear` keeps the frozen base module (`nn.Linear` or GPT-2's
 `Conv1D`) and, per device slot, the weights of whatever adapter is installed
 there. Its forward runs the base module once for all rows, then adds each
-segment's adapter delta on that segment's contiguous rows (lora_ops.py).
+segment's adapter delta on that segment's contiguous rows (lora_ops.py), or, for
+plain LoRA slots, all segments at once (lora_batched.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loramux.adapters.context import BASE_SLOT, AdapterContext, ContextHolder
-from loramux.adapters.lora_ops import MergedWeight, SlotDelta, segment_lora, segment_unmerge
+from loramux.adapters.lora_batched import StackedLora, apply_segments
+from loramux.adapters.lora_ops import MergedWeight, SlotDelta, segment_unmerge
 
 
 @dataclass
@@ -52,6 +54,8 @@ class MultiAdapterLinear(nn.Module):
         self._parts: list[_SlotParts | None] = [None] * num_slots
         # slot -> compiled delta; what forward reads
         self.deltas: list[SlotDelta | None] = [None] * num_slots
+        # plain-LoRA slots' A / B stacked for batched LoRA; their deltas' a_t / b_t are views into it
+        self.stacked = StackedLora(self.in_features, self.out_features)
         # slot -> merged copy of W0 + delta (merged.py); used when ctx.merged_slot is that slot
         self.merged: dict[int, MergedWeight] = {}
 
@@ -90,7 +94,7 @@ class MultiAdapterLinear(nn.Module):
         y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
         if y2.shape[0] != ctx.num_tokens:
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
-        segment_lora(y2, x2, ctx.adapter_segments, self.deltas)
+        apply_segments(y2, x2, ctx, ctx.adapter_segments, self.deltas, self.stacked, "all")
         return y
 
     def _forward_merged(self, x: torch.Tensor, ctx: AdapterContext, merged: MergedWeight) -> torch.Tensor:
@@ -104,7 +108,7 @@ class MultiAdapterLinear(nn.Module):
         if y2.shape[0] != ctx.num_tokens:
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
         segment_unmerge(y2, x2, ctx.other_spans, self.deltas[ctx.merged_slot])
-        segment_lora(y2, x2, ctx.other_adapter_segments, self.deltas)
+        apply_segments(y2, x2, ctx, ctx.other_adapter_segments, self.deltas, self.stacked, "others")
         return y
 
     def _subtractable(self, slot: int) -> bool:
@@ -150,6 +154,7 @@ class MultiAdapterLinear(nn.Module):
         self._slot_index(slot)
         self._parts[slot] = None
         self.deltas[slot] = None
+        self.stacked.drop(slot)
         self.merged.pop(slot, None)
 
     def parts(self, slot: int) -> _SlotParts | None:
@@ -194,6 +199,7 @@ class MultiAdapterLinear(nn.Module):
         p = self._parts[slot]
         if p is None:
             self.deltas[slot] = None
+            self.stacked.drop(slot)
             return
         d = SlotDelta()
         shift = p.bias_delta
@@ -224,6 +230,15 @@ class MultiAdapterLinear(nn.Module):
         d.out_shift = shift
         empty = d.a_t is None and d.in_scale is None and d.out_scale is None and d.out_shift is None
         self.deltas[slot] = None if empty else d
+        if d.a_t is not None and d.b_t is not None and d.in_scale is None and d.out_scale is None:
+            self.stacked.put(slot, d.a_t, d.b_t, d.out_shift)
+            # hold the weights once: every plain slot reads views of the stacks (re-pointed, as put may grow them)
+            for s in self.stacked.ranks:
+                ds = self.deltas[s]
+                if ds is not None:
+                    ds.a_t, ds.b_t = self.stacked.views(s)
+        else:
+            self.stacked.drop(slot)
 
     def extra_repr(self) -> str:
         used = sum(d is not None for d in self.deltas)

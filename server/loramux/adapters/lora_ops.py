@@ -10,7 +10,9 @@ segment's rows of the base output `y = x·W0ᵀ + b`, in this order:
     y += (x · Aᵀ) · Bᵀ             LoRA / DoRA (s and g already folded into B)
 
 `segment_lora` is pure torch with in-place ops on row slices (two matmuls per
-LoRA segment); a fused CUDA kernel can replace it behind the same signature.
+LoRA segment): the reference path. For plain LoRA slots (no in_scale / out_scale)
+lora_batched.py runs all segments of a forward as one gathered bmm pair instead,
+chosen per layer and per forward; a fused CUDA kernel can replace either.
 """
 
 from __future__ import annotations
