@@ -19,9 +19,10 @@ class ServerThread:
         engine_fields = set(EngineConfig.__dataclass_fields__)
         engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
         rest = {k: v for k, v in overrides.items() if k not in engine_fields}
+        rest.setdefault("device", "cpu")
         self.config = ServerConfig(
             model=str(model), store=store or Path(tempfile.mkdtemp(prefix="loramux-store-")), port=0, metrics_port=0,
-            device="cpu", engine=engine, **rest,
+            engine=engine, **rest,
         )
         self.loop = asyncio.new_event_loop()
         self.server = LoramuxServer(self.config)
