@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from loramux.adapters.store import AdapterNotFound, AlreadyExists, UploadTooLarge
+from loramux.engine.engine import Draining
 from loramux.engine.scheduler import QueueFull
 
 
@@ -13,10 +14,6 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; ours is a sentence
         return str(self.args[0]) if self.args else "not found"
-
-
-class Draining(RuntimeError):
-    """The server is shutting down and admits nothing new (UNAVAILABLE)."""
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

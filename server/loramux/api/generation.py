@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from loramux.api.errors import Draining, NotFound, status_for
+from loramux.api.errors import NotFound, status_for
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams, TokenEvent
 from loramux.logs import log_request
@@ -85,10 +85,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             # The sink is set before submit: the engine may step before this coroutine resumes.
             req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
             self.engine.submit(req)
-        except RuntimeError as e:  # the engine refuses new work while draining
-            self._rejected(request, req, grpc.StatusCode.UNAVAILABLE, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(Draining(str(e))))
-        except Exception as e:
+        except Exception as e:  # Draining is UNAVAILABLE, like any status, through status_for
             code = status_for(e)
             self._rejected(request, req, code, e)
             await context.abort(code, str(e))

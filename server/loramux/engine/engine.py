@@ -29,7 +29,11 @@ from loramux.model import BaseModel
 
 log = logging.getLogger("loramux.engine")
 
-__all__ = ["Engine", "QueueFull"]
+__all__ = ["Draining", "Engine", "QueueFull"]
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and admits nothing new (UNAVAILABLE)."""
 
 
 class Engine:
@@ -95,14 +99,14 @@ class Engine:
             )
 
     def submit(self, req: Request) -> None:
-        """Queue a validated request. Raises QueueFull, or RuntimeError when draining."""
+        """Queue a validated request. Raises QueueFull, or Draining once admission stopped."""
         req.detok = Detokenizer(self.base.tokenizer, req.params.stop)
         if not req.params.greedy:
             seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
             req.generator = torch.Generator(device=self.base.device).manual_seed(seed % (2**63))
         with self._cv:
             if not self._admitting:
-                raise RuntimeError("the server is draining and admits no new requests")
+                raise Draining("the server is draining and admits no new requests")
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting)")
             self._inbox.append(req)

@@ -31,10 +31,6 @@ class Batch:
     def requests(self) -> list[Request]:
         return self.prefill + self.decode
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(r.seq_len - r.num_computed for r in self.prefill) + len(self.decode)
-
 
 class Runner:
     def __init__(self, wrapped: WrappedModel, cache: KVCache) -> None:
