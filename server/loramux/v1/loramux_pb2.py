@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xb5\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xa8\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12\x12\n\nadapter_id\x18\x08 \x01(\t\"\xaf\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\"{\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x14\n\x0cweights_size\x18\x04 \x01(\x04\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"c\n\x14UploadAdapterRequest\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.loramux.v1.AdapterManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xcf\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_type\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.loramux.v1.AdapterState\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.loramux.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"D\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\x12\r\n\x05merge\x18\x03 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x93\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_STATE_STORED\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x18\n\x14\x41\x44\x41PTER_STATE_MERGED\x10\x04\x32\xa8\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x32\xcb\x03\n\x08\x41\x64\x61pters\x12H\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x13.loramux.v1.Adapter(\x01\x12@\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x13.loramux.v1.Adapter\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12T\n\rDeleteAdapter\x12 .loramux.v1.DeleteAdapterRequest\x1a!.loramux.v1.DeleteAdapterResponse\x12\x42\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x13.loramux.v1.Adapter\x12\x46\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a\x13.loramux.v1.Adapterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xf9\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd3\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\x12)\n\x08messages\x18\x07 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x15\n\rcached_tokens\x18\t \x01(\r\"\xc6\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"{\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x14\n\x0cweights_size\x18\x04 \x01(\x04\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"c\n\x14UploadAdapterRequest\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.loramux.v1.AdapterManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xcf\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_type\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.loramux.v1.AdapterState\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.loramux.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"D\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\x12\r\n\x05merge\x18\x03 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x93\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_STATE_STORED\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x18\n\x14\x41\x44\x41PTER_STATE_MERGED\x10\x04\x32\xa8\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x32\xcb\x03\n\x08\x41\x64\x61pters\x12H\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x13.loramux.v1.Adapter(\x01\x12@\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x13.loramux.v1.Adapter\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12T\n\rDeleteAdapter\x12 .loramux.v1.DeleteAdapterRequest\x1a!.loramux.v1.DeleteAdapterResponse\x12\x42\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x13.loramux.v1.Adapter\x12\x46\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a\x13.loramux.v1.Adapterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.loramux_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1593
-  _globals['_FINISHREASON']._serialized_end=1711
-  _globals['_ADAPTERSTATE']._serialized_start=1714
-  _globals['_ADAPTERSTATE']._serialized_end=1861
+  _globals['_FINISHREASON']._serialized_start=1796
+  _globals['_FINISHREASON']._serialized_end=1914
+  _globals['_ADAPTERSTATE']._serialized_start=1917
+  _globals['_ADAPTERSTATE']._serialized_end=2064
   _globals['_SAMPLINGPARAMS']._serialized_start=41
-  _globals['_SAMPLINGPARAMS']._serialized_end=222
-  _globals['_GENERATEREQUEST']._serialized_start=225
-  _globals['_GENERATEREQUEST']._serialized_end=393
-  _globals['_GENERATERESPONSE']._serialized_start=396
-  _globals['_GENERATERESPONSE']._serialized_end=603
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=606
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=781
-  _globals['_ADAPTERMANIFEST']._serialized_start=783
-  _globals['_ADAPTERMANIFEST']._serialized_end=906
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=908
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1007
-  _globals['_ADAPTER']._serialized_start=1010
-  _globals['_ADAPTER']._serialized_end=1217
-  _globals['_GETADAPTERREQUEST']._serialized_start=1219
-  _globals['_GETADAPTERREQUEST']._serialized_end=1258
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1260
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1320
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1322
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1408
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1410
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1452
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1454
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1477
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1479
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1547
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1549
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1591
-  _globals['_GENERATION']._serialized_start=1864
-  _globals['_GENERATION']._serialized_end=2032
-  _globals['_ADAPTERS']._serialized_start=2035
-  _globals['_ADAPTERS']._serialized_end=2494
+  _globals['_SAMPLINGPARAMS']._serialized_end=290
+  _globals['_CHATMESSAGE']._serialized_start=292
+  _globals['_CHATMESSAGE']._serialized_end=336
+  _globals['_GENERATEREQUEST']._serialized_start=339
+  _globals['_GENERATEREQUEST']._serialized_end=550
+  _globals['_GENERATERESPONSE']._serialized_start=553
+  _globals['_GENERATERESPONSE']._serialized_end=783
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=786
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=984
+  _globals['_ADAPTERMANIFEST']._serialized_start=986
+  _globals['_ADAPTERMANIFEST']._serialized_end=1109
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1111
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1210
+  _globals['_ADAPTER']._serialized_start=1213
+  _globals['_ADAPTER']._serialized_end=1420
+  _globals['_GETADAPTERREQUEST']._serialized_start=1422
+  _globals['_GETADAPTERREQUEST']._serialized_end=1461
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1463
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1523
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1525
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1611
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1613
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1655
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1657
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1680
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1682
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1750
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1752
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1794
+  _globals['_GENERATION']._serialized_start=2067
+  _globals['_GENERATION']._serialized_end=2235
+  _globals['_ADAPTERS']._serialized_start=2238
+  _globals['_ADAPTERS']._serialized_end=2697
 # @@protoc_insertion_point(module_scope)
