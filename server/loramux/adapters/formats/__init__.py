@@ -1,0 +1,1 @@
+"""Adapter file formats: detect (which format, which weights file), PEFT, AdapterHub."""

@@ -1,0 +1,1 @@
+"""The adapter cache tiers: device slots and leases, host tier, merged copies, merge policy."""

@@ -1,0 +1,1 @@
+"""The wrapped base model: multi-adapter linears, bottleneck insertion points, the decoder-layer finder."""

@@ -1,0 +1,1 @@
+"""The on-disk adapter store: layout, uploads, the safetensors check. Imports no torch."""
