@@ -10,8 +10,8 @@ interleaved rounds (median of rounds) so that machine noise hits all alike (`--l
 the adapted projections, without attention / MLP / lm_head, where the LoRA share is easier to see):
 
 - base: every row on the base model (no adapter arithmetic);
-- segment: lora_batched.MODE = "segment", two matmuls per segment per layer (the reference path);
-- batched: lora_batched.MODE = "batched", one gathered bmm pair per layer.
+- segment: lora_batched.force("segment"), two matmuls per segment per layer (the reference path);
+- batched: lora_batched.force("batched"), one gathered bmm pair per layer.
 
 Prints ms per forward, base/segment and base/batched (throughput relative to base, higher is better)
 and batched/segment (time, lower is better).
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from loramux.adapters import lora_batched
-from loramux.adapters.context import BASE_SLOT, AdapterContext
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.kinds import lora_batched
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext
 from loramux.model import build_from_config, tiny_llama_config
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loramux.adapters.cache import AdapterCache
-from loramux.adapters.store import AdapterStore
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.cache.adapter_cache import AdapterCache
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.adapters.store.store import AdapterStore
 from loramux.config import EngineConfig
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams

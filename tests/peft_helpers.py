@@ -9,8 +9,8 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters.context import BASE_SLOT, AdapterContext
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext
 from loramux.model import build_from_config
 
 

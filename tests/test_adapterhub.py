@@ -19,11 +19,11 @@ from peft_helpers import greedy, mixed_logits, reference_logits
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.context import BASE_SLOT
 from loramux.adapters.formats.adapterhub import BottleneckAdapter, parse_adapterhub
-from loramux.adapters.loader import load_adapter_dir
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.formats.loader import load_adapter_dir
+from loramux.adapters.kinds.base import AdapterError
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 ATOL = 1e-5  # float32; a missing or misplaced adapter term is off by >1e-2

@@ -8,12 +8,12 @@ from peft import IA3Config, LoraConfig
 from peft_helpers import make_peft_adapter, mixed_logits, reference_logits
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters import lora_batched
-from loramux.adapters.context import BASE_SLOT, AdapterContext, ContextHolder, Segment
-from loramux.adapters.layers import MultiAdapterLinear
-from loramux.adapters.loader import load_adapter_dir
-from loramux.adapters.lora_ops import MergedWeight
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.formats.loader import load_adapter_dir
+from loramux.adapters.kinds import lora_batched
+from loramux.adapters.kinds.lora import MergedWeight
+from loramux.adapters.model.linear import MultiAdapterLinear
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder, Segment
 from loramux.model import build_from_config, tiny_llama_config
 
 ATOL = 1e-5  # float32, batched vs per-segment: the same sums in another order

@@ -14,14 +14,14 @@ from harness import ServerThread
 from peft import IA3Config, LoraConfig
 from peft_helpers import flat_batch, greedy, make_peft_adapter, reference_logits
 
-from loramux.adapters import layers as layers_mod
-from loramux.adapters import merged as merged_mod
-from loramux.adapters.context import BASE_SLOT, AdapterContext
-from loramux.adapters.loader import load_adapter_dir
-from loramux.adapters.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
-from loramux.adapters.merged import MergedCache
-from loramux.adapters.slot import Slot
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.cache import merged as merged_mod
+from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
+from loramux.adapters.cache.merged import MergedCache
+from loramux.adapters.cache.slot import Slot
+from loramux.adapters.formats.loader import load_adapter_dir
+from loramux.adapters.model import linear as layers_mod
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext
 from loramux.engine.runner import Runner
 from loramux.model import build_from_config, tiny_gpt2_config, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb

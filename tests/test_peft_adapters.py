@@ -11,10 +11,10 @@ from peft import IA3Config, LoraConfig
 from peft_helpers import greedy, make_peft_adapter, mixed_logits, reference_logits, wrapped_greedy
 from safetensors.torch import load_file, save_file
 
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.context import BASE_SLOT, AdapterContext
-from loramux.adapters.loader import load_adapter_dir, parse_adapter
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.formats.loader import load_adapter_dir, parse_adapter
+from loramux.adapters.kinds.base import AdapterError
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext
 from loramux.model import build_from_config, tiny_gpt2_config, tiny_llama_config
 
 ATOL = 1e-4  # float32; a wrong delta is off by >1e-2

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.model.wrapped import WrappedModel
 from loramux.engine.kv_cache import KVCache
 from loramux.engine.request import Request, SamplingParams
 from loramux.engine.runner import Batch, Runner

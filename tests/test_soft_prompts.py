@@ -22,9 +22,9 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
 from peft_helpers import make_peft_adapter
 from safetensors.torch import save_file
 
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.loader import load_adapter_dir
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.formats.loader import load_adapter_dir
+from loramux.adapters.kinds.base import AdapterError
+from loramux.adapters.model.wrapped import WrappedModel
 from loramux.model import build_from_config, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 

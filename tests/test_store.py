@@ -16,17 +16,17 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from loramux.adapters import store as store_module
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.safetensors_check import InvalidWeightsFile, check_safetensors
-from loramux.adapters.store import (
+from loramux.adapters.kinds.base import AdapterError
+from loramux.adapters.store import store as store_module
+from loramux.adapters.store.layout import InvalidAdapterId, exchange, validate_adapter_id
+from loramux.adapters.store.safetensors_check import InvalidWeightsFile, check_safetensors
+from loramux.adapters.store.store import (
     AdapterNotFound,
     AdapterStore,
     AlreadyExists,
     StoredAdapter,
 )
-from loramux.adapters.store_layout import InvalidAdapterId, exchange, validate_adapter_id
-from loramux.adapters.upload import (
+from loramux.adapters.store.upload import (
     ChecksumMismatch,
     InvalidUpload,
     SizeMismatch,

@@ -7,77 +7,17 @@ import asyncio
 import importlib
 import json
 import sys
-from pathlib import Path
 
-from loramux.config import EngineConfig, ServerConfig
+from loramux.config import ServerConfig, add_flags, from_args
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC server")
-    d = ServerConfig()
-    e = EngineConfig()
-    p.add_argument("--model", default=d.model, help="a local Hugging Face model directory, or 'demo'")
-    p.add_argument("--store", type=Path, default=d.store, help="adapter store directory")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = pick a free one)")
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port (0 = pick a free one)")
-    p.add_argument("--metrics-host", default=d.metrics_host, help="metrics bind address (default: --host)")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--admin-token-file", type=Path, default=None)
-    p.add_argument("--tls-cert", type=Path, default=None)
-    p.add_argument("--tls-key", type=Path, default=None)
-    p.add_argument("--max-adapter-mb", type=float, default=d.max_adapter_mb)
-    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb)
-    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
-    p.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
-    p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
-    p.add_argument("--metrics-max-adapter-labels", type=int, default=d.metrics_max_adapter_labels)
-    p.add_argument("--max-running", type=int, default=e.max_running)
-    p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens)
-    p.add_argument("--max-queue", type=int, default=e.max_queue)
-    p.add_argument("--max-model-len", type=int, default=e.max_model_len)
-    p.add_argument("--default-max-new-tokens", type=int, default=e.default_max_new_tokens)
-    p.add_argument("--max-device-adapters", type=int, default=e.max_device_adapters)
-    p.add_argument("--host-cache-mb", type=float, default=e.host_cache_mb)
-    p.add_argument("--merged-cache-mb", type=float, default=e.merged_cache_mb)
-    p.add_argument("--merge-threshold", type=float, default=e.merge_threshold)
-    p.add_argument("--merge-window-tokens", type=int, default=e.merge_window_tokens)
+    add_flags(p, ServerConfig)  # every ServerConfig / EngineConfig field is a flag
 
 
 def _config_from_args(a: argparse.Namespace) -> ServerConfig:
-    engine = EngineConfig(
-        max_running=a.max_running,
-        max_batch_tokens=a.max_batch_tokens,
-        max_queue=a.max_queue,
-        max_model_len=a.max_model_len,
-        default_max_new_tokens=a.default_max_new_tokens,
-        max_device_adapters=a.max_device_adapters,
-        host_cache_mb=a.host_cache_mb,
-        merged_cache_mb=a.merged_cache_mb,
-        merge_threshold=a.merge_threshold,
-        merge_window_tokens=a.merge_window_tokens,
-    )
-    return ServerConfig(
-        model=a.model,
-        store=a.store,
-        host=a.host,
-        port=a.port,
-        metrics_port=a.metrics_port,
-        metrics_host=a.metrics_host,
-        device=a.device,
-        dtype=a.dtype,
-        admin_token_file=a.admin_token_file,
-        tls_cert=a.tls_cert,
-        tls_key=a.tls_key,
-        max_adapter_mb=a.max_adapter_mb,
-        max_message_mb=a.max_message_mb,
-        drain_timeout=a.drain_timeout,
-        log_format=a.log_format,
-        log_prompts=a.log_prompts,
-        metrics_max_adapter_labels=a.metrics_max_adapter_labels,
-        engine=engine,
-    )
+    return from_args(ServerConfig, a)
 
 
 def _client_parsers(sub: argparse._SubParsersAction) -> None:

@@ -1,9 +1,24 @@
-"""Configs: dataclasses validated once, at start (ValueError, never assert)."""
+"""Configs: dataclasses validated once, at start (ValueError, never assert); CLI flags derive from their fields.
+
+Every field is the flag `--field-name` of its type and default; `help` and `choices`
+come from the field's metadata; a bool is an on-switch; a nested config's fields are
+flags of their own (`add_flags`, `from_args`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def _flag(default: Any, help: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -40,22 +55,22 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
-    model: str = "demo"
-    store: Path = Path("adapters_store")
+    model: str = _flag("demo", "a local Hugging Face model directory, or 'demo'")
+    store: Path = _flag(Path("adapters_store"), "adapter store directory")
     host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9090
-    metrics_host: str = ""  # "" = same as host
-    device: str = "auto"
-    dtype: str = "auto"
+    port: int = _flag(50051, "gRPC port (0 = pick a free one)")
+    metrics_port: int = _flag(9090, "Prometheus port (0 = pick a free one)")
+    metrics_host: str = _flag("", "metrics bind address (default: --host)")  # "" = same as host
+    device: str = _flag("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = _flag("auto", choices=("auto", "float32", "bfloat16", "float16"))
     admin_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_adapter_mb: float = 512.0
     max_message_mb: int = 64
     drain_timeout: float = 30.0
-    log_format: str = "text"
-    log_prompts: bool = False
+    log_format: str = _flag("text", choices=("text", "json"))
+    log_prompts: bool = _flag(False, "include prompt text in request logs")
     metrics_max_adapter_labels: int = 20
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -78,3 +93,33 @@ class ServerConfig:
         if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
             raise ValueError(f"--admin-token-file {self.admin_token_file} does not exist")
         self.engine.validate()
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the config dataclass `cls` (and of the configs nested in it)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            add_flags(parser, kind)
+            continue
+        name = "--" + f.name.replace("_", "-")
+        meta = {k: v for k, v in f.metadata.items() if v is not None}
+        if kind is bool:
+            parser.add_argument(name, action="store_true", **meta)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if "choices" in meta:
+            meta["choices"] = list(meta["choices"])
+        parser.add_argument(name, type=None if base is str else base, default=default, **meta)
+
+
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config `cls` with every field taken from the flags `add_flags` made."""
+    hints = typing.get_type_hints(cls)
+    values = {
+        f.name: from_args(hints[f.name], args) if dataclasses.is_dataclass(hints[f.name]) else getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+    }
+    return cls(**values)

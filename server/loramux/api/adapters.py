@@ -19,11 +19,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from loramux.adapters.adapter import AdapterInfo
-from loramux.adapters.cache import AdapterCache
-from loramux.adapters.store import AdapterStore, InvalidUpload, StoredAdapter, UploadSession, UploadTooLarge
-from loramux.adapters.store_layout import ADAPTER_ID_RE
-from loramux.api.auth import AdminAuth
+from loramux.adapters.cache.adapter_cache import AdapterCache
+from loramux.adapters.kinds.base import AdapterInfo
+from loramux.adapters.store.layout import ADAPTER_ID_RE
+from loramux.adapters.store.store import AdapterStore, InvalidUpload, StoredAdapter, UploadSession, UploadTooLarge
+from loramux.api.auth import AdminAuth, AdminAuthInterceptor
 from loramux.api.errors import status_for
 from loramux.engine.engine import Engine
 from loramux.v1 import loramux_pb2 as pb
@@ -52,6 +52,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     """Registered before the server starts; answers UNAVAILABLE until `attach`."""
 
     def __init__(self, auth: AdminAuth, max_adapter_bytes: int) -> None:
+        """`auth`: the admin token its mutations need; `interceptor()` enforces it, before any handler runs."""
         if max_adapter_bytes <= 0:
             raise ValueError(f"max_adapter_bytes must be > 0, got {max_adapter_bytes}")
         self.auth = auth
@@ -65,6 +66,10 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self._infos_lock = threading.Lock()
         self.draining = False  # set by the server's drain: no new uploads then
 
+    def interceptor(self) -> AdminAuthInterceptor:
+        """The server interceptor that refuses mutations without the admin token."""
+        return AdminAuthInterceptor(self.auth)
+
     def attach(self, store: AdapterStore, cache: AdapterCache, engine: Engine, describe: Describe) -> None:
         self.store, self.cache, self.describe = store, cache, describe
         self.engine = engine  # last: a non-None engine is what marks the service ready
@@ -75,7 +80,6 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context: grpc.aio.ServicerContext
     ) -> pb.Adapter:
         await self._ready(context)
-        await self.auth.check(context)
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining and accepts no new uploads")
         first = await anext(aiter(request_iterator), None)
@@ -145,14 +149,12 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAdapterResponse:
         await self._ready(context)
-        await self.auth.check(context)
         await self._call(context, self._delete, request.adapter_id)
         log.info("adapter %s deleted", request.adapter_id)
         return pb.DeleteAdapterResponse()
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
         await self._ready(context)
-        await self.auth.check(context)
         adapter_id = request.adapter_id
         await self._call(context, self.store.get, adapter_id)  # NOT_FOUND / INVALID_ARGUMENT before any work
         loop = asyncio.get_running_loop()
@@ -182,7 +184,6 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:
         await self._ready(context)
-        await self.auth.check(context)
         adapter_id = request.adapter_id
         await self._call(context, self.store.get, adapter_id)
         try:

@@ -1,14 +1,22 @@
-"""The admin token that guards mutations of the Adapters service (`--admin-token-file`)."""
+"""The admin token that guards mutations of the Adapters service (`--admin-token-file`).
+
+One gRPC server interceptor checks it for every mutating method, before the handler runs;
+no handler checks it itself.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import grpc
 
 BEARER = "bearer"
+# The Adapters methods that change something: they need the admin token when one is configured.
+MUTATIONS = frozenset(
+    f"/loramux.v1.Adapters/{m}" for m in ("UploadAdapter", "DeleteAdapter", "LoadAdapter", "UnloadAdapter")
+)
 
 
 class AdminAuth:
@@ -49,8 +57,28 @@ class AdminAuth:
             return grpc.StatusCode.PERMISSION_DENIED, "wrong admin token"
         return None
 
-    async def check(self, context: grpc.aio.ServicerContext) -> None:
-        """Abort the call unless its metadata carries the admin token."""
-        refused = self.refusal(context.invocation_metadata())
-        if refused is not None:
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a mutation (`MUTATIONS`) whose metadata lacks the admin token: UNAUTHENTICATED / PERMISSION_DENIED."""
+
+    def __init__(self, auth: AdminAuth) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method not in MUTATIONS:
+            return handler
+        refused = self.auth.refusal(details.invocation_metadata)
+        if refused is None:
+            return handler
+
+        async def abort(_request: object, context: grpc.aio.ServicerContext) -> None:
             await context.abort(*refused)
+
+        if handler.request_streaming:  # UploadAdapter: refused before any chunk is read
+            return grpc.stream_unary_rpc_method_handler(abort)
+        return grpc.unary_unary_rpc_method_handler(abort)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from loramux.adapters.store import AdapterNotFound, AlreadyExists, UploadTooLarge
+from loramux.adapters.store.store import AdapterNotFound, AlreadyExists, UploadTooLarge
 from loramux.engine.engine import Draining
 from loramux.engine.scheduler import QueueFull
 

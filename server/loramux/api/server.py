@@ -13,11 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loramux.adapters.adapter import AdapterInfo
-from loramux.adapters.cache import AdapterCache
-from loramux.adapters.loader import parse_adapter
-from loramux.adapters.store import AdapterStore
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.cache.adapter_cache import AdapterCache
+from loramux.adapters.formats.loader import parse_adapter
+from loramux.adapters.kinds.base import AdapterInfo
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.adapters.store.store import AdapterStore
 from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
 from loramux.api.generation import GenerationService
@@ -60,13 +60,14 @@ class LoramuxServer:
     async def start(self) -> None:
         cfg = self.config
         msg = cfg.max_message_mb * 1024 * 1024
+        self.adapters = AdaptersService(AdminAuth.from_file(cfg.admin_token_file), int(cfg.max_adapter_mb * MB))
         self.grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", msg), ("grpc.max_send_message_length", msg)]
+            interceptors=[self.adapters.interceptor()],
+            options=[("grpc.max_receive_message_length", msg), ("grpc.max_send_message_length", msg)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.generation = GenerationService()
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.grpc)
-        self.adapters = AdaptersService(AdminAuth.from_file(cfg.admin_token_file), int(cfg.max_adapter_mb * MB))
         pb_grpc.add_AdaptersServicer_to_server(self.adapters, self.grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.grpc)

@@ -1,8 +1,10 @@
-"""The per-forward adapter state that wrapped layers read.
+"""The one per-forward context: attention metadata, adapter segments, the LoRA path.
 
 The runner builds one `AdapterContext` before each forward and sets it on the
 model's `ContextHolder`; every wrapped layer holds a reference to that holder.
 Nothing is threaded through `forward` signatures and no hooks are added per call.
+The attention metadata in it is also what the runner hands to transformers'
+attention interface (its model-forward kwarg), the channel that interface has.
 
 Token rows are flat: the model runs on `input_ids` of shape [1, tokens], so a
 layer sees `x: [1, tokens, hidden]` and flattens it to `[tokens, hidden]`. The
@@ -14,11 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from loramux.engine.attention import AttentionMeta
+
 BASE_SLOT = -1
+# How wrapped linears add plain-LoRA deltas (kinds/lora_batched.py): "auto" (the heuristic there),
+# "batched" (every plain segment in one gathered bmm pair) or "segment" (the per-segment reference).
+LORA_PATHS = ("auto", "batched", "segment")
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,14 @@ class AdapterContext:
     segments: list[Segment]
     # slot whose merged weights replace W0 for this forward (BASE_SLOT = none)
     merged_slot: int = BASE_SLOT
+    # the LoRA path of this forward, one of LORA_PATHS
+    lora_path: str = "auto"
+    # what attention needs (cache rows, positions, masks); None for forwards without the KV cache (tests)
+    attention: AttentionMeta | None = None
     # the segments whose slot is an adapter (not BASE_SLOT), precomputed once
     adapter_segments: list[Segment] = field(init=False)
     # with a merged slot: the adapter segments of the other slots, and the (start, end) row spans of
-    # every row not in the merged slot, base rows included (they undo the merged delta, see layers.py)
+    # every row not in the merged slot, base rows included (they undo the merged delta, see adapters/model/linear.py)
     other_adapter_segments: list[Segment] = field(init=False)
     other_spans: list[tuple[int, int]] = field(init=False)
     # per-forward values that every layer shares, built by the first layer that asks (see `memo`)
@@ -56,6 +68,8 @@ class AdapterContext:
         return self._memo[key]
 
     def __post_init__(self) -> None:
+        if self.lora_path not in LORA_PATHS:
+            raise ValueError(f"lora_path must be one of {LORA_PATHS}, got {self.lora_path!r}")
         self.adapter_segments = [s for s in self.segments if s.slot != BASE_SLOT]
         self.other_adapter_segments, self.other_spans = [], []
         if self.merged_slot != BASE_SLOT:
@@ -73,7 +87,13 @@ class AdapterContext:
         return int(self.slots.shape[0])
 
     @staticmethod
-    def from_row_slots(row_slots: list[int], device: torch.device, merged_slot: int = BASE_SLOT) -> AdapterContext:
+    def from_row_slots(
+        row_slots: list[int],
+        device: torch.device,
+        merged_slot: int = BASE_SLOT,
+        lora_path: str = "auto",
+        attention: AttentionMeta | None = None,
+    ) -> AdapterContext:
         """Build the context from each token row's slot (rows already grouped by slot)."""
         segments: list[Segment] = []
         start = 0
@@ -82,7 +102,7 @@ class AdapterContext:
                 segments.append(Segment(start, i, row_slots[start]))
                 start = i
         slots = torch.tensor(row_slots, dtype=torch.long, device=device)
-        return AdapterContext(slots=slots, segments=segments, merged_slot=merged_slot)
+        return AdapterContext(slots, segments, merged_slot, lora_path, attention)
 
 
 class ContextHolder:

@@ -1,4 +1,4 @@
-"""The runner: turns a scheduled batch into tensors, sets the per-forward contexts, runs the model."""
+"""The runner: turns a scheduled batch into tensors, sets the one per-forward context, runs the model."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramux.adapters.context import AdapterContext
-
-if TYPE_CHECKING:
-    from loramux.adapters.wrapped import WrappedModel
 from loramux.engine import attention
 from loramux.engine.attention import META_KWARG, AttentionMeta, PrefillSeq
+from loramux.engine.forward_context import AdapterContext
 from loramux.engine.kv_cache import KVCache
 from loramux.engine.request import Request
+
+if TYPE_CHECKING:
+    from loramux.adapters.model.wrapped import WrappedModel
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Batch:
     prefill: list[Request]
     decode: list[Request]
     merged_slot: int = -1
-    # run merged_slot's rows in a forward of their own, the other rows in a second one (merge_policy.py)
+    # run merged_slot's rows in a forward of their own, the other rows in a second one (adapters/cache/merge_policy.py)
     split_merged: bool = False
 
     @property
@@ -33,8 +33,9 @@ class Batch:
 
 
 class Runner:
-    def __init__(self, wrapped: WrappedModel, cache: KVCache) -> None:
+    def __init__(self, wrapped: WrappedModel, cache: KVCache, lora_path: str = "auto") -> None:
         self.wrapped = wrapped
+        self.lora_path = lora_path  # forward_context.LORA_PATHS
         self.model = wrapped.model
         self.cache = cache
         self.device = wrapped.device
@@ -52,7 +53,7 @@ class Runner:
         reqs = batch.requests
         # Rows are grouped by adapter slot so each adapter is one contiguous segment;
         # within a request its tokens stay contiguous and in order.
-        # The merged slot's rows go last, so the rows that undo its delta form one span (layers.py).
+        # The merged slot's rows go last, so the rows that undo its delta form one span (adapters/model/linear.py).
         m = batch.merged_slot
         order = sorted(range(len(reqs)), key=lambda i: (m >= 0 and reqs[i].adapter_slot == m, reqs[i].adapter_slot))
         ids: list[int] = []
@@ -100,7 +101,8 @@ class Runner:
             prefills=prefills,
             dec_dense=dense,
         )
-        self.wrapped.holder.set(AdapterContext.from_row_slots(slots, dev, merged_slot=batch.merged_slot))
+        ctx = AdapterContext.from_row_slots(slots, dev, batch.merged_slot, self.lora_path, attention=meta)
+        self.wrapped.holder.set(ctx)
         input_ids = torch.tensor([ids], device=dev)
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
         if virtual:
@@ -115,7 +117,7 @@ class Runner:
                 position_ids=torch.tensor([pos], device=dev),
                 use_cache=False,
                 logits_to_keep=torch.tensor(last_token, device=dev),
-                **{META_KWARG: meta},
+                **{META_KWARG: ctx.attention},  # transformers' attention interface takes it as a kwarg
             )
         finally:
             self.wrapped.holder.set(None)

@@ -47,11 +47,9 @@ class AdapterSlots(Protocol):
 
     def release(self, lease: SlotLease) -> None: ...
 
-    def merged_slot_for(self, requests: list[Request]) -> int:
-        """The slot whose merged weights this batch should run on (-1: none)."""
-
-    def split_merged(self, requests: list[Request], slot: int) -> bool:
-        """Whether that slot's rows run in a forward of their own (called only when the slot is >= 0)."""
+    def merge_plan(self, requests: list[Request]) -> tuple[int, bool]:
+        """(the slot whose merged weights this batch runs on, -1: none; whether its rows run in a forward
+        of their own)."""
 
 
 class Scheduler:
@@ -120,9 +118,7 @@ class Scheduler:
         batch = Batch(prefill=admitted, decode=list(self.running))
         self.running.extend(admitted)
         if self.adapters is not None and batch.requests:
-            batch.merged_slot = self.adapters.merged_slot_for(batch.requests)
-            if batch.merged_slot >= 0:
-                batch.split_merged = self.adapters.split_merged(batch.requests, batch.merged_slot)
+            batch.merged_slot, batch.split_merged = self.adapters.merge_plan(batch.requests)
         return batch
 
     def _unlease(self, r: Request) -> None:

@@ -13,26 +13,19 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loramux.adapters.adapter import LoadedAdapter
-from loramux.adapters.host_tier import HostTier, Key
-from loramux.adapters.loader import parse_adapter
-from loramux.adapters.merged import MergedCache
-from loramux.adapters.slot import Lease, Slot
-from loramux.adapters.store import AdapterStore
-from loramux.adapters.wrapped import WrappedModel
+from loramux.adapters.cache.host_tier import HostTier, Key
+from loramux.adapters.cache.load_job import LoadResult, Stale, load
+from loramux.adapters.cache.merged import MergedCache
+from loramux.adapters.cache.slot import Lease, Slot
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.adapters.store.store import AdapterStore
+
+if TYPE_CHECKING:
+    from loramux.engine.request import Request
 
 log = logging.getLogger("loramux.adapters")
-
-@dataclass
-class LoadResult:
-    key: Key
-    adapter: LoadedAdapter  # on the device
-    seconds: float
-    tier: str  # where it came from: "host" or "store"
-    host_copy: LoadedAdapter | None = field(default=None)
 
 
 class AdapterCache:
@@ -57,9 +50,15 @@ class AdapterCache:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
         self._blocked: set[str] = set()
         # the merged tier (merged.py): merged W0 + delta copies of hot adapters' weights, per device slot
-        self.merged = MergedCache(wrapped, self.slots, merged_cache_bytes, merge_threshold, merge_window_tokens,
-                                  metrics, on_ready=lambda: self.on_ready())
-        self._plan: tuple[list[Any], int, bool] | None = None  # the last batch's (requests, merged slot, split)
+        self.merged = MergedCache(
+            wrapped,
+            self.slots,
+            merged_cache_bytes,
+            merge_threshold,
+            merge_window_tokens,
+            metrics,
+            on_ready=lambda: self.on_ready(),
+        )
         self._publish()
 
     # --- scheduler interface (engine thread) ---
@@ -97,7 +96,7 @@ class AdapterCache:
             self._reserve_slot()
             return None
         free.key = key
-        free.loading = self._worker.submit(self._load, key)
+        free.loading = self._worker.submit(load, key, self.host, self.store, self.wrapped)
         free.loading.add_done_callback(lambda _f: self.on_ready())
         return None
 
@@ -111,19 +110,15 @@ class AdapterCache:
         if slot.refs == 0 and not self._current(slot):
             self._evict(slot)  # overwritten or deleted: drop the old weights now
 
-    def merged_slot_for(self, requests: list[Any]) -> int:
-        """The slot whose merged weights this batch runs on (-1: none); feeds the hot-adapter policy too."""
-        if not self.merged.enabled:
-            return -1
-        self.merged.observe(requests)
-        slot, split = self.merged.plan(requests)
-        self._plan = (requests, slot, split)
-        return slot
+    def merge_plan(self, requests: list[Request]) -> tuple[int, bool]:
+        """(slot whose merged weights this batch runs on or -1, whether its rows run in a forward of their own).
 
-    def split_merged(self, requests: list[Any], slot: int) -> bool:
-        """Whether the merged slot's rows run in a forward of their own (merge_policy.choose_mode)."""
-        plan = self._plan
-        return plan is not None and plan[1] == slot and plan[0] == requests and plan[2]  # same batch
+        One call per batch, which also feeds the hot-adapter policy (merge_policy.choose_mode decides the split).
+        """
+        if not self.merged.enabled:
+            return -1, False
+        self.merged.observe(requests)
+        return self.merged.plan(requests)
 
     # --- explicit control (engine thread, via Engine.call) ---
     def prefetch(self, adapter_id: str, pin: bool) -> bool:
@@ -258,27 +253,13 @@ class AdapterCache:
         slot.draining = False
         self._publish()
 
-    def _load(self, key: Key) -> LoadResult:
-        """Worker thread: host tier or disk -> validated adapter -> device copy."""
-        t0 = time.perf_counter()
-        host = self.host.get(key)
-        tier = "host"
-        if host is None:
-            tier = "store"
-            with self.store.reading(key[0]) as record:
-                if record.sha256 != key[1]:
-                    raise _Stale()
-                host = parse_adapter(record.config, record.weights_path, self.wrapped)
-        device_copy = host.to_device(self.wrapped.device)
-        return LoadResult(key, device_copy, time.perf_counter() - t0, tier, host)
-
     def _finish_load(self, slot: Slot) -> bool:
         """Engine thread: install a finished load; False when it failed (slot freed)."""
         fut, key = slot.loading, slot.key
         slot.loading = None
         try:
             result: LoadResult = fut.result()
-        except _Stale:
+        except Stale:
             self._evict(slot)
             return False
         except Exception as e:
@@ -288,22 +269,19 @@ class AdapterCache:
             return False
         result.adapter.install(self.wrapped, slot.index)
         slot.adapter = result.adapter
-        self._remember_host(key, result.host_copy)
+        if result.host_copy is not None:
+            self.host.put(key, result.host_copy)
         if self.metrics is not None:
             self.metrics.adapter_load(result.tier, result.seconds)
             if result.tier == "host":
                 self.metrics.cache_hit("host")
             else:
                 self.metrics.cache_miss("host")
-        log.info("adapter %s loaded into device slot %d from %s in %.3fs", key[0], slot.index, result.tier,
-                 result.seconds)
+        log.info(
+            "adapter %s loaded into device slot %d from %s in %.3fs", key[0], slot.index, result.tier, result.seconds
+        )
         self._publish()
         return True
-
-    def _remember_host(self, key: Key, adapter: LoadedAdapter | None) -> None:
-        if adapter is None:
-            return
-        self.host.put(key, adapter)
 
     def _publish(self) -> None:
         if self.metrics is None:
@@ -314,7 +292,3 @@ class AdapterCache:
         self.metrics.set_slots_free(self.free_slots)
         stored = self.store.list()  # the store tier: every published adapter (bytes = weights files)
         self.metrics.set_resident("store", len(stored), sum(r.size for r in stored))
-
-
-class _Stale(Exception):
-    """The weights changed between asking for a load and reading them."""

@@ -10,7 +10,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from loramux.adapters.adapter import LoadedAdapter
+from loramux.adapters.kinds.base import LoadedAdapter
 
 Key = tuple[str, str]  # (adapter_id, weights sha256)
 

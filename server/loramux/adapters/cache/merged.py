@@ -1,20 +1,6 @@
 """The merged cache: per (adapter_id, sha256), a merged copy of each layer the adapter changes.
 
-For a slot's adapter in one wrapped linear, what the layer computes unmerged is
-(lora_ops.py's SlotDelta order, W0: [out, in], b0: [out]):
-
-    y = ((x ⊙ l_in)·W0ᵀ + b0) ⊙ o + shift + x·Aᵀ·(g ⊙ s·B)ᵀ
-
-with l_in the IA3 feed-forward vector, o = g (DoRA) or the IA3 output vector,
-shift = bias delta + LoRA bias (+ (1 - g) ⊙ b0 for DoRA). So the merged layer is
-y = x·Wᵀ + b with, in float32 and then cast to the model's dtype:
-
-    W = o ⊙_rows (W0 ⊙_cols l_in) + (g ⊙ s·B)·A      LoRA: W0 + s·BA;  DoRA: g ⊙ (W0 + s·BA)
-    b = o ⊙ b0 + shift                               DoRA: b0 + shifts (g cancels on the bias)
-
-W0 is never written: every merged weight is a new tensor (or W0 itself, shared,
-for a layer whose only change is its bias). Bottleneck and soft-prompt adapters
-change no weight and cannot be merged.
+How each layer's merged weight is computed: merged_weights.py.
 
 A merged copy belongs to the device slot its adapter occupies: the layers keep it
 per slot, and evicting the slot drops it. Merges run on a worker thread from a
@@ -29,21 +15,20 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from loramux.adapters.cache.host_tier import Key
+from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
+from loramux.adapters.cache.merged_weights import Snapshot, merge_all, merge_cost, merged_nbytes
+from loramux.adapters.kinds.base import AdapterError, LoadedAdapter
+from loramux.adapters.kinds.lora import MergedWeight
+from loramux.adapters.model.decoder_layers import find_decoder_layers
+from loramux.adapters.model.wrapped import WrappedModel
 
-from loramux.adapters.adapter import AdapterError, LoadedAdapter
-from loramux.adapters.host_tier import Key
-from loramux.adapters.layers import MultiAdapterLinear, find_decoder_layers
-from loramux.adapters.lora_ops import MergedWeight
-from loramux.adapters.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
-from loramux.adapters.wrapped import WrappedModel
+if TYPE_CHECKING:
+    from loramux.engine.request import Request
 
 log = logging.getLogger("loramux.adapters")
-
-# per layer: (layer name, a copy of what the slot holds there, W0 [out, in], b0 [out] or None)
-Snapshot = list[tuple[str, Any, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -92,7 +77,7 @@ class MergedCache:
         return self.budget > 0
 
     # --- per batch (engine thread) ---
-    def observe(self, requests: list[Any]) -> None:
+    def observe(self, requests: list[Request]) -> None:
         """Count this forward's tokens per adapter; merge what became hot, unmerge what went cold."""
         counts: dict[object, int] = {}
         for r in requests:
@@ -108,8 +93,13 @@ class MergedCache:
             if adapter is None or not adapter.info.mergeable:
                 self._refused.add(key)
                 continue
-            log.info("merge policy: adapter %s has %.0f%% of the last %d tokens (threshold %.0f%%): merging",
-                     key[0], 100 * self.traffic.share(key), self.traffic.total, 100 * self.threshold)
+            log.info(
+                "merge policy: adapter %s has %.0f%% of the last %d tokens (threshold %.0f%%): merging",
+                key[0],
+                100 * self.traffic.share(key),
+                self.traffic.total,
+                100 * self.threshold,
+            )
             try:
                 self.merge(key, slot, auto=True)
             except ValueError as e:
@@ -117,11 +107,14 @@ class MergedCache:
                 self._refused.add(key)
         for e in [e for e in self.entries.values() if e.auto and e.ready and not self._pinned(e)]:
             if self.traffic.cold(e.key, self.threshold):
-                log.info("merge policy: adapter %s fell to %.0f%% of recent tokens: unmerging", e.key[0],
-                         100 * self.traffic.share(e.key))
+                log.info(
+                    "merge policy: adapter %s fell to %.0f%% of recent tokens: unmerging",
+                    e.key[0],
+                    100 * self.traffic.share(e.key),
+                )
                 self.drop(e.key, "unmerge")
 
-    def plan(self, requests: list[Any]) -> tuple[int, bool]:
+    def plan(self, requests: list[Request]) -> tuple[int, bool]:
         """(merged slot or -1, split) for this batch; see merge_policy.choose_mode."""
         self.poll()
         rows: dict[int, int] = {}
@@ -154,23 +147,32 @@ class MergedCache:
         if adapter is None or self.slots[slot].key != key:
             raise ValueError(f"adapter {key[0]} is not in device slot {slot}")
         if not adapter.info.mergeable:
-            raise AdapterError(f"adapter {key[0]}: {adapter.info.adapter_type} adapters cannot be merged "
-                               "(only LoRA, DoRA and IA3 change weights)")
+            raise AdapterError(
+                f"adapter {key[0]}: {adapter.info.adapter_type} adapters cannot be merged "
+                "(only LoRA, DoRA and IA3 change weights)"
+            )
         layers = {n: lay for n, lay in self.wrapped.linears.items() if lay.deltas[slot] is not None}
-        nbytes = sum(_merged_nbytes(lay, slot) for lay in layers.values())
+        nbytes = sum(merged_nbytes(lay, slot) for lay in layers.values())
         self._make_room(key[0], nbytes)
-        snapshot: Snapshot = [(n, replace(lay.parts(slot)), lay.base_weight_rows(), lay.bias) for n, lay in
-                              layers.items()]
-        entry = MergedEntry(key, slot, adapter, nbytes, auto, _cost(layers.values(), slot))
+        snapshot: Snapshot = [
+            (n, replace(lay.parts(slot)), lay.base_weight_rows(), lay.bias) for n, lay in layers.items()
+        ]
+        entry = MergedEntry(key, slot, adapter, nbytes, auto, merge_cost(layers.values(), slot))
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
-        entry.job = self._worker.submit(_merge_all, snapshot, self.wrapped.dtype)
+        entry.job = self._worker.submit(merge_all, snapshot, self.wrapped.dtype)
         entry.job.add_done_callback(lambda _f: self.on_ready())
         self.entries[key] = entry
         if self.metrics is not None:
             self.metrics.merge_decision("merge")
-        log.info("merging adapter %s (slot %d, %d layers, %.1f MB)%s", key[0], slot, len(layers), nbytes / 2**20,
-                 " [auto]" if auto else "")
+        log.info(
+            "merging adapter %s (slot %d, %d layers, %.1f MB)%s",
+            key[0],
+            slot,
+            len(layers),
+            nbytes / 2**20,
+            " [auto]" if auto else "",
+        )
         return False
 
     def poll(self) -> None:
@@ -241,15 +243,20 @@ class MergedCache:
     def _make_room(self, adapter_id: str, nbytes: int) -> None:
         """Evict least recently used, unpinned merged copies until `nbytes` more fit; ValueError if they cannot."""
         if nbytes > self.budget:
-            raise ValueError(f"adapter {adapter_id}: its merged weights need {nbytes / 2**20:.1f} MB, more than "
-                             f"--merged-cache-mb ({self.budget / 2**20:.1f} MB)")
+            raise ValueError(
+                f"adapter {adapter_id}: its merged weights need {nbytes / 2**20:.1f} MB, more than "
+                f"--merged-cache-mb ({self.budget / 2**20:.1f} MB)"
+            )
         used = sum(e.nbytes for e in self.entries.values())
-        victims = sorted((e for e in self.entries.values() if e.ready and not self._pinned(e)),
-                         key=lambda e: e.last_used)
+        victims = sorted(
+            (e for e in self.entries.values() if e.ready and not self._pinned(e)), key=lambda e: e.last_used
+        )
         freeable = sum(e.nbytes for e in victims)
         if used - freeable + nbytes > self.budget:
-            raise ValueError(f"adapter {adapter_id}: no room in the merged cache ({self.budget / 2**20:.1f} MB); "
-                             "pinned merged adapters or merges in progress hold it")
+            raise ValueError(
+                f"adapter {adapter_id}: no room in the merged cache ({self.budget / 2**20:.1f} MB); "
+                "pinned merged adapters or merges in progress hold it"
+            )
         for e in victims:
             if used + nbytes <= self.budget:
                 break
@@ -263,81 +270,6 @@ class MergedCache:
             self.metrics.set_resident("merged", len(ready), sum(e.nbytes for e in ready))
 
 
-def _rows(r: Any) -> int:
+def _rows(r: Request) -> int:
     """Token rows a request adds to this forward (soft-prompted requests count their virtual tokens)."""
     return max(1, getattr(r, "seq_len", r.total_len) - r.num_computed)
-
-
-def _changes_weight(parts: Any) -> bool:
-    return parts.a is not None or parts.ia3 is not None
-
-
-def _merged_nbytes(layer: MultiAdapterLinear, slot: int) -> int:
-    """What merge_layer will allocate for this layer: a new weight, a new bias, both or neither."""
-    p, w, b0 = layer.parts(slot), layer.base_layer.weight, layer.bias
-    scaled = p.dora_g is not None or (p.ia3 is not None and not p.ia3_feedforward)
-    shifted = p.bias_delta is not None or p.lora_bias is not None or (p.dora_g is not None and b0 is not None)
-    owns_bias = shifted or (b0 is not None and scaled)
-    return (w.numel() if _changes_weight(p) else 0) * w.element_size() + (
-        layer.out_features * w.element_size() if owns_bias else 0)
-
-
-def _cost(layers: Any, slot: int) -> MergeCost:
-    """What the adapter's delta costs per row, unmerged (for merge_policy.choose_mode)."""
-    macs, subtractable, n = 0, True, 0
-    for lay in layers:
-        p = lay.parts(slot)
-        n += 1
-        if p.a is not None:
-            macs += p.a.shape[0] * (lay.in_features + lay.out_features)
-        if p.ia3 is not None and p.ia3_feedforward:
-            macs += lay.in_features * lay.out_features  # (x ⊙ (l - 1))·W0ᵀ: a full extra matmul
-        if p.dora_g is not None or p.ia3 is not None:
-            macs += lay.out_features
-            subtractable = False
-    return MergeCost(row_macs=macs, layers=n, subtractable=subtractable)
-
-
-@torch.inference_mode()
-def _merge_all(snapshot: Snapshot, dtype: torch.dtype) -> dict[str, MergedWeight]:
-    """Worker thread: every layer's merged weight and bias (see the module docstring)."""
-    return {name: merge_layer(w0, b0, parts, dtype) for name, parts, w0, b0 in snapshot}
-
-
-def merge_layer(w0: torch.Tensor, b0: torch.Tensor | None, p: Any, dtype: torch.dtype) -> MergedWeight:
-    """One layer: w0 [out, in] (a view of the base weight, only read), b0 [out] or None, p: its _SlotParts."""
-    f32 = torch.float32
-    out_scale = None  # [out]
-    if p.dora_g is not None:
-        out_scale = p.dora_g.to(f32)
-    if p.ia3 is not None and not p.ia3_feedforward:
-        out_scale = p.ia3.to(f32) if out_scale is None else out_scale * p.ia3.to(f32)
-    shift = None  # [out]
-    for t in (p.bias_delta, p.lora_bias):
-        if t is not None:
-            shift = t.to(f32) if shift is None else shift + t.to(f32)
-    if p.dora_g is not None and b0 is not None:
-        corr = b0.to(f32) * (1 - p.dora_g.to(f32))
-        shift = corr if shift is None else shift + corr
-    bias = None  # [out] float32, or None when the layer's bias is b0 unchanged (or absent)
-    if b0 is not None and out_scale is not None:
-        bias = b0.to(f32) * out_scale
-    if shift is not None:
-        base = bias if bias is not None else (b0.to(f32) if b0 is not None else None)
-        bias = shift if base is None else base + shift
-    bias_out = bias.to(dtype).contiguous() if bias is not None else b0
-
-    if not _changes_weight(p):
-        return MergedWeight(w0, bias_out, 0 if bias is None else bias_out.nbytes)
-    w = w0.to(f32, copy=True)  # [out, in]; a new tensor: W0 itself is never written
-    if p.ia3 is not None and p.ia3_feedforward:
-        w.mul_(p.ia3.to(f32)[None, :])
-    if out_scale is not None:
-        w.mul_(out_scale[:, None])
-    if p.a is not None:
-        b = p.b.to(f32)  # [out, r], s folded in
-        if p.dora_g is not None:
-            b = p.dora_g.to(f32)[:, None] * b
-        w.addmm_(b, p.a.to(f32))
-    w_out = w.to(dtype).contiguous()
-    return MergedWeight(w_out, bias_out, w_out.nbytes + (0 if bias is None else bias_out.nbytes))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from loramux.adapters.adapter import LoadedAdapter
-from loramux.adapters.host_tier import Key
+from loramux.adapters.cache.host_tier import Key
+from loramux.adapters.kinds.base import LoadedAdapter
 
 __all__ = ["Key", "Lease", "Slot"]
 

@@ -21,11 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loramux.adapters.adapter import AdapterError, AdapterInfo, LoadedAdapter
-from loramux.adapters.bottleneck import POINTS, BottleneckUnit, activation, decoder_layers
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo
+from loramux.adapters.kinds.bottleneck import POINTS, BottleneckAdapter, BottleneckUnit, activation
+from loramux.adapters.model.decoder_layers import find_decoder_layers
 
 if TYPE_CHECKING:
-    from loramux.adapters.wrapped import WrappedModel
+    from loramux.adapters.model.wrapped import WrappedModel
 
 # The library's location keys for our two insertion points, and its module names for them.
 LOCATION_KEYS = {"attention": "mh_adapter", "output": "output_adapter"}
@@ -78,30 +79,6 @@ REFUSED = {
     "use_gating": "the gate is a mean over each sequence's positions within one forward, which depends on "
     "batching and caching, so it cannot be served consistently",
 }
-
-
-class BottleneckAdapter(LoadedAdapter):
-    """Validated units keyed by (decoder layer index, insertion point)."""
-
-    def __init__(self, info: AdapterInfo, units: dict[tuple[int, str], BottleneckUnit]) -> None:
-        self.info = info
-        self.units = units
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for u in self.units.values() for t in u.tensors())
-
-    def to_device(self, device: torch.device) -> BottleneckAdapter:
-        if all(t.device == device for u in self.units.values() for t in u.tensors()):
-            return self
-        return BottleneckAdapter(self.info, {k: u.to(device) for k, u in self.units.items()})
-
-    def install(self, wrapped: WrappedModel, slot: int) -> None:
-        for (layer, point), unit in self.units.items():
-            wrapped.blocks[layer].set(point, slot, unit)
-
-    def uninstall(self, wrapped: WrappedModel, slot: int) -> None:
-        for layer, point in self.units:
-            wrapped.blocks[layer].set(point, slot, None)
 
 
 def _bn_configs(config: object) -> list[dict]:
@@ -213,13 +190,12 @@ def _unit(cfg: dict, w: dict[str, torch.Tensor], where: str, hidden: int, size: 
 def parse_adapterhub(config: dict, weights_path: Path, wrapped: WrappedModel) -> BottleneckAdapter:
     """Validate an AdapterHub bottleneck adapter against the wrapped base model; CPU tensors in its dtype."""
     base_cfg = wrapped.model.config
-    found = decoder_layers(wrapped.model)
-    if found is None or not wrapped.blocks:
+    if not wrapped.blocks:
         raise AdapterError(
             f"bottleneck adapters are supported on llama, mistral and gpt2 base models, "
             f"not {getattr(base_cfg, 'model_type', '?')!r}"
         )
-    prefix, layers = found
+    prefix, layers = find_decoder_layers(wrapped.model)
     hidden = int(getattr(base_cfg, "hidden_size", None) or base_cfg.n_embd)
     if config.get("model_type") not in (None, base_cfg.model_type):
         raise AdapterError(f"adapter was trained on a {config['model_type']!r} model; base is {base_cfg.model_type!r}")

@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from loramux.adapters.adapter import AdapterError, AdapterInfo
-from loramux.adapters.formats.peft_adapter import ModuleWeights, PeftAdapter
 from loramux.adapters.formats.peft_targets import resolve_targets
-from loramux.adapters.lora_ops import dora_row_scale
+from loramux.adapters.formats.tensors import read_safetensors
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo
+from loramux.adapters.kinds.lora import dora_row_scale
+from loramux.adapters.kinds.peft_adapter import ModuleWeights, PeftAdapter
 
 KEY_PREFIX = "base_model.model."
 
@@ -64,7 +64,7 @@ def parse_peft(config: dict, weights_path: Path, wrapped) -> PeftAdapter:  # wra
     if is_lora:
         _check_lora_options(config)
     targeted = resolve_targets(config, wrapped)
-    tensors = _group_by_module(_read_safetensors(weights_path), wrapped)
+    tensors = _group_by_module(read_safetensors(weights_path), wrapped)
     dtype = wrapped.dtype
     modules: dict[str, ModuleWeights] = {}
     ranks = [0]
@@ -122,15 +122,6 @@ def _check_lora_options(config: dict) -> None:
             raise AdapterError(f"{key} must map module patterns to numbers, got {pat!r}")
     if config.get("use_dora") and config.get("lora_bias"):
         raise AdapterError("lora_bias=True with use_dora=True is not a valid PEFT adapter")
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix != ".safetensors":
-        raise AdapterError(f"{path.name}: only safetensors weights are accepted (never pickle)")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers / truncation
-        raise AdapterError(f"{path.name} is not a readable safetensors file: {e}") from e
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], wrapped) -> dict[str, dict[str, torch.Tensor]]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from loramux.adapters.adapter import AdapterError, AdapterInfo
-from loramux.adapters.soft_prompt import SoftPrompt
+from loramux.adapters.formats.tensors import read_safetensors
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo
+from loramux.adapters.kinds.soft_prompt import SoftPrompt
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
@@ -67,7 +67,7 @@ def parse_peft_prompt(config: dict, weights_path: Path, wrapped) -> SoftPrompt: 
             )
     out_dim = geo.layers * 2 * token_dim if is_prefix else token_dim
 
-    tensors = _read_safetensors(weights_path)
+    tensors = read_safetensors(weights_path)
     if "prompt_embeddings" in tensors:
         extra = sorted(set(tensors) - {"prompt_embeddings"})
         if extra:
@@ -125,15 +125,6 @@ def _positive_int(config: dict, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise AdapterError(f"{key} must be a positive integer, got {value!r}")
     return value
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if Path(path).suffix != ".safetensors":
-        raise AdapterError(f"{Path(path).name}: only safetensors weights are accepted (never pickle)")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers / truncation
-        raise AdapterError(f"{Path(path).name} is not a readable safetensors file: {e}") from e
 
 
 def _encoder_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters.adapter import AdapterError
+from loramux.adapters.kinds.base import AdapterError
 
 # Module types PEFT can put an adapter on; matching one that loramux does not wrap is refused.
 _TARGETABLE = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)

@@ -14,18 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loramux.adapters.contract import ADAPTER_TYPES, AdapterError
+
 if TYPE_CHECKING:
-    from loramux.adapters.wrapped import WrappedModel
+    from loramux.adapters.model.wrapped import WrappedModel
 
-# Adapter.adapter_type values of the API contract (plus the soft-prompt kinds).
-ADAPTER_TYPES = ("lora", "dora", "ia3", "bottleneck", "prompt", "prefix")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served as it is: bad config, bad weights, no match.
-
-    The message says what was wrong; the API maps it to INVALID_ARGUMENT.
-    """
+__all__ = ["ADAPTER_TYPES", "AdapterError", "AdapterInfo", "LoadedAdapter"]
 
 
 @dataclass

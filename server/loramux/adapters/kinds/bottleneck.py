@@ -18,40 +18,25 @@ layer itself adds `x + sublayer_output`, so the sublayer's output for a bottlene
 row is replaced by d = o (or o - x without original_ln_after); float addition
 commutes, so `x + o` is bit-for-bit the library's `o + x`.
 
-Why hooks rather than wrapper modules: a forward hook on the sublayer and a
-forward pre-hook on its norm (to see `x`), registered once at start, leave every
-module path and the state dict unchanged, so LoRA name matching, merged weights
-and the Linear wrappers are unaffected. Nothing is hooked per call. Rows whose
-slot holds no bottleneck adapter at a point are untouched; when no slot holds one
-the hooks return at once.
+The insertion points that apply these units live in model/blocks.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import get_activation
 
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.context import ContextHolder
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo, LoadedAdapter
+
+if TYPE_CHECKING:
+    from loramux.adapters.model.wrapped import WrappedModel
 
 POINTS = ("attention", "output")  # the library's mh_adapter and output_adapter locations
-
-# model_type -> (path to the decoder layers, {point: (norm before the sublayer, sublayer)})
-ARCHITECTURES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
-    "llama": (
-        "model.layers",
-        {"attention": ("input_layernorm", "self_attn"), "output": ("post_attention_layernorm", "mlp")},
-    ),
-    "mistral": (
-        "model.layers",
-        {"attention": ("input_layernorm", "self_attn"), "output": ("post_attention_layernorm", "mlp")},
-    ),
-    "gpt2": ("transformer.h", {"attention": ("ln_1", "attn"), "output": ("ln_2", "mlp")}),
-}
 
 
 def activation(name: str) -> nn.Module:
@@ -138,88 +123,25 @@ class BottleneckUnit:
         return o if self.original_ln_after else o - x
 
 
-class InsertionPoint:
-    """The per-slot units at one point of one layer, and the rows they apply to."""
+class BottleneckAdapter(LoadedAdapter):
+    """Validated units keyed by (decoder layer index, insertion point)."""
 
-    def __init__(self, holder: ContextHolder, num_slots: int) -> None:
-        self.holder = holder
-        self.units: list[BottleneckUnit | None] = [None] * num_slots
-        self.occupied: set[int] = set()
-        self._x: torch.Tensor | None = None  # the residual entering the norm, kept only for one forward
+    def __init__(self, info: AdapterInfo, units: dict[tuple[int, str], BottleneckUnit]) -> None:
+        self.info = info
+        self.units = units
 
-    def set(self, slot: int, unit: BottleneckUnit | None) -> None:
-        if not 0 <= slot < len(self.units):
-            raise ValueError(f"slot {slot} out of range 0..{len(self.units) - 1}")
-        self.units[slot] = unit
-        (self.occupied.add if unit is not None else self.occupied.discard)(slot)
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for u in self.units.values() for t in u.tensors())
 
-    def _active(self) -> list[tuple[int, int, BottleneckUnit]]:
-        if not self.occupied:
-            return []
-        ctx = self.holder.get()
-        if ctx is None:
-            return []
-        return [(s.start, s.end, self.units[s.slot]) for s in ctx.adapter_segments if s.slot in self.occupied]
+    def to_device(self, device: torch.device) -> BottleneckAdapter:
+        if all(t.device == device for u in self.units.values() for t in u.tensors()):
+            return self
+        return BottleneckAdapter(self.info, {k: u.to(device) for k, u in self.units.items()})
 
-    def norm_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        # Only hold x when this forward needs it: it is [1, tokens, hidden] per layer.
-        self._x = args[0] if self.occupied and self._active() else None
+    def install(self, wrapped: WrappedModel, slot: int) -> None:
+        for (layer, point), unit in self.units.items():
+            wrapped.blocks[layer].set(point, slot, unit)
 
-    def sublayer_hook(self, module: nn.Module, args: tuple, output: object) -> object:
-        x, self._x = self._x, None
-        active = self._active()
-        if not active:
-            return None
-        if x is None:
-            raise RuntimeError("bottleneck point: the sublayer ran without its norm (unexpected layer structure)")
-        s = output[0] if isinstance(output, tuple) else output  # s: [1, tokens, hidden]
-        if s.shape[0] != 1 or s.shape != x.shape:
-            raise RuntimeError(f"bottleneck point expects flat rows [1, tokens, hidden]; got {tuple(s.shape)}")
-        out = s.clone()
-        for start, end, unit in active:
-            out[0, start:end] = unit.delta(s[0, start:end], x[0, start:end])
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-
-class BottleneckBlock(nn.Module):
-    """The insertion points of one decoder layer. Holds no parameters: adapter tensors live in the units."""
-
-    def __init__(self, layer: nn.Module, parts: dict[str, tuple[str, str]], holder: ContextHolder, num_slots: int):
-        super().__init__()
-        self.points: dict[str, InsertionPoint] = {}
-        for point, (norm_name, sub_name) in parts.items():
-            norm, sub = getattr(layer, norm_name, None), getattr(layer, sub_name, None)
-            if norm is None or sub is None:
-                raise ValueError(f"decoder layer {type(layer).__name__} has no {norm_name} / {sub_name}")
-            p = InsertionPoint(holder, num_slots)
-            norm.register_forward_pre_hook(p.norm_pre_hook)
-            sub.register_forward_hook(p.sublayer_hook)
-            self.points[point] = p
-        self.sublayer_names = {point: sub for point, (_, sub) in parts.items()}
-
-    def set(self, point: str, slot: int, unit: BottleneckUnit | None) -> None:
-        self.points[point].set(slot, unit)
-
-    def clear(self, slot: int) -> None:
-        for p in self.points.values():
-            p.set(slot, None)
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
-    """(path prefix of the layers, the layers) for a supported architecture, else None."""
-    arch = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", ""))
-    if arch is None:
-        return None
-    obj: object = model
-    for attr in arch[0].split("."):
-        obj = getattr(obj, attr, None)
-    return (arch[0], list(obj)) if isinstance(obj, nn.ModuleList) else None
-
-
-def wrap_blocks(model: nn.Module, holder: ContextHolder, num_slots: int) -> dict[int, nn.Module]:
-    """Insertion points on every decoder layer; {} for a base model without bottleneck support."""
-    found = decoder_layers(model)
-    if found is None:
-        return {}
-    parts = ARCHITECTURES[model.config.model_type][1]
-    return {i: BottleneckBlock(layer, parts, holder, num_slots) for i, layer in enumerate(found[1])}
+    def uninstall(self, wrapped: WrappedModel, slot: int) -> None:
+        for layer, point in self.units:
+            wrapped.blocks[layer].set(point, slot, None)

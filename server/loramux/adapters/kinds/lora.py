@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from loramux.adapters.context import Segment
+from loramux.engine.forward_context import Segment
 
 
 @dataclass
@@ -67,7 +67,7 @@ def segment_lora(
 
 @dataclass
 class MergedWeight:
-    """One slot's merged copy of one layer (merged.py): y = x·weightᵀ + bias stands for base + delta."""
+    """One slot's merged copy of one layer (cache/merged.py): y = x·weightᵀ + bias stands for base + delta."""
 
     weight: torch.Tensor  # [out, in] (nn.Linear layout); may be W0 itself (a view) when only the bias changes
     bias: torch.Tensor | None  # [out]

@@ -1,6 +1,6 @@
 """Batched LoRA: one gathered multiply over every plain-LoRA segment of a forward (Punica / S-LoRA style).
 
-`segment_lora` (lora_ops.py) runs two small matmuls per segment per wrapped
+`segment_lora` (kinds/lora.py) runs two small matmuls per segment per wrapped
 layer; with 16 adapters in a batch that is 32 kernel launches per layer (CUDA)
 or 32 thread barriers (multi-threaded CPU). Here every layer keeps its slots'
 LoRA weights stacked and zero-padded to the largest installed rank:
@@ -23,7 +23,12 @@ The gather indices (`BatchPlan`) depend only on the forward's segments and on
 which slots a layer holds plain LoRA in, so `AdapterContext.memo` builds each
 once per forward and every layer with the same slot set shares it.
 
-Heuristic (`plan_segments`, MODE "auto"): pad waste is bounded first, by moving
+The path is the forward context's `lora_path` ("auto", "batched", "segment");
+`force` overrides it for the forwards that the calling thread runs inside it
+(tests and benchmarks compare the paths with it; a contextvar, so the engine's
+own thread never sees another thread's override).
+
+Heuristic (`plan_segments`, path "auto"): pad waste is bounded first, by moving
 the longest segments to the per-segment path until nseg·maxlen <= PAD_LIMIT·rows
 (long segments, i.e. prefills, lose nothing there: their own matmuls are large and
 their op cost is amortised); then batch when at least `MIN_SEGMENTS` remain if
@@ -36,18 +41,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
-from loramux.adapters.context import AdapterContext, Segment
-from loramux.adapters.lora_ops import SlotDelta, segment_lora
+from loramux.adapters.kinds.lora import SlotDelta, segment_lora
+from loramux.engine.forward_context import LORA_PATHS, AdapterContext, Segment
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
-# "auto": batch by the heuristic below; "batched": batch every plain segment (no pad limit);
-# "segment": never batch (the reference path). Tests and benchmarks switch it with `force`.
-MODE = "auto"
 # Fewer plain segments than this and per-segment matmuls are as cheap. Measured on a 2-core CPU (hidden 512,
 # r16, 64 rows; see scripts/bench_lora_kernels.py): per segment costs ~7 us a layer, a batched layer ~30-40 us
 # when the segments are equal and adjacent (a view, no gather) and ~60-80 us when rows must be gathered and
@@ -55,20 +58,29 @@ MODE = "auto"
 MIN_SEGMENTS = 4  # equal-length adjacent segments (the no-gather span path)
 MIN_SEGMENTS_GATHER = 8  # any other layout (padding, base rows between segments)
 PAD_LIMIT = 2.0  # padded rows (nseg·maxlen) allowed per real row
-MODES = ("auto", "batched", "segment")
+# "auto": batch by the heuristic below; "batched": batch every plain segment (no pad limit);
+# "segment": never batch (the reference path).
+MODES = LORA_PATHS
+_FORCED: ContextVar[str | None] = ContextVar("loramux_lora_path", default=None)
 
 
 @contextmanager
 def force(mode: str) -> Iterator[None]:
-    """Run the enclosed forwards with `mode` ("auto", "batched" or "segment"), then restore the previous one."""
-    global MODE
+    """Run this thread's enclosed forwards on LoRA path `mode` ("auto", "batched" or "segment"), whatever
+    their context says; then restore the previous override."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    old, MODE = MODE, mode
+    token = _FORCED.set(mode)
     try:
         yield
     finally:
-        MODE = old
+        _FORCED.reset(token)
+
+
+def lora_path(requested: str = "auto") -> str:
+    """The path a forward whose context asks for `requested` takes: `force`'s override, if any."""
+    forced = _FORCED.get()
+    return requested if forced is None else forced
 
 
 @dataclass
@@ -89,12 +101,15 @@ class BatchPlan:
     pad: torch.Tensor | None  # [nseg, maxlen, 1] bool: True at pad entries (None: no padding)
 
 
-def plan_segments(segments: Sequence[Segment], plain: frozenset[int], device: torch.device) -> BatchPlan | None:
+def plan_segments(
+    segments: Sequence[Segment], plain: frozenset[int], device: torch.device, path: str = "auto"
+) -> BatchPlan | None:
     """Split `segments` into a batched set (slots in `plain`) and the rest; None when batching does not pay."""
-    if MODE == "segment":
+    mode = lora_path(path)
+    if mode == "segment":
         return None
     cand = [s for s in segments if s.slot in plain]
-    if MODE == "auto":
+    if mode == "auto":
         # drop the longest segments (they go per segment) until padding is bounded; sorted: longest last
         cand.sort(key=lambda s: s.end - s.start)
         total = sum(s.end - s.start for s in cand)
@@ -115,7 +130,7 @@ def plan_segments(segments: Sequence[Segment], plain: frozenset[int], device: to
     lo_slot, hi_slot = slot_list[0], slot_list[-1] + 1
     slot_range = (lo_slot, hi_slot) if slot_list == list(range(lo_slot, hi_slot)) else None
     contiguous = all(n == maxlen for n in lens) and all(a.end == b.start for a, b in zip(cand, cand[1:]))
-    if MODE == "auto" and not contiguous and len(cand) < MIN_SEGMENTS_GATHER:
+    if mode == "auto" and not contiguous and len(cand) < MIN_SEGMENTS_GATHER:
         return None
     if contiguous:
         span = (cand[0].start, cand[-1].end)
@@ -277,11 +292,12 @@ def apply_segments(
     `which` names the context's segment list (the plan memo key): "all" = ctx.adapter_segments,
     "others" = ctx.other_adapter_segments.
     """
-    if stacked.plain and MODE != "segment":
+    mode = lora_path(ctx.lora_path)
+    if stacked.plain and mode != "segment":
         plain = stacked.plain
         plan = ctx.memo(
-            ("lora_plan", which, plain, MODE, MIN_SEGMENTS, PAD_LIMIT),
-            lambda: plan_segments(segments, plain, ctx.slots.device),
+            ("lora_plan", which, plain, mode, MIN_SEGMENTS, PAD_LIMIT),
+            lambda: plan_segments(segments, plain, ctx.slots.device, mode),
         )
         if plan is not None:
             batched_lora(y, x, plan, stacked)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from loramux.adapters.adapter import AdapterError, AdapterInfo, LoadedAdapter
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo, LoadedAdapter
 
 
 @dataclass

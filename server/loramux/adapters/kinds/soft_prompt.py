@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramux.adapters.adapter import AdapterError, AdapterInfo, LoadedAdapter
+from loramux.adapters.kinds.base import AdapterError, AdapterInfo, LoadedAdapter
 
 if TYPE_CHECKING:
-    from loramux.adapters.wrapped import WrappedModel
+    from loramux.adapters.model.wrapped import WrappedModel
 
 
 class SoftPrompt(LoadedAdapter):

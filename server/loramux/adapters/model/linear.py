@@ -3,35 +3,22 @@
 A `MultiAdapterLinear` keeps the frozen base module (`nn.Linear` or GPT-2's
 `Conv1D`) and, per device slot, the weights of whatever adapter is installed
 there. Its forward runs the base module once for all rows, then adds each
-segment's adapter delta on that segment's contiguous rows (lora_ops.py), or, for
-plain LoRA slots, all segments at once (lora_batched.py).
+segment's adapter delta on that segment's contiguous rows (kinds/lora.py), or, for
+plain LoRA slots, all segments at once (kinds/lora_batched.py).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters.context import BASE_SLOT, AdapterContext, ContextHolder
-from loramux.adapters.lora_batched import StackedLora, apply_segments
-from loramux.adapters.lora_ops import MergedWeight, SlotDelta, segment_unmerge
-
-
-@dataclass
-class _SlotParts:
-    """What was installed into one slot, before compiling to a `SlotDelta`."""
-
-    a: torch.Tensor | None = None  # [r, in]
-    b: torch.Tensor | None = None  # [out, r], scale s folded in
-    lora_bias: torch.Tensor | None = None  # [out], scale s folded in
-    dora_g: torch.Tensor | None = None  # [out]
-    ia3: torch.Tensor | None = None  # [out], or [in] when ia3_feedforward
-    ia3_feedforward: bool = False
-    bias_delta: torch.Tensor | None = None  # [out]: b_new - b_old
+from loramux.adapters.kinds.lora import MergedWeight, SlotDelta, segment_unmerge
+from loramux.adapters.kinds.lora_batched import StackedLora, apply_segments
+from loramux.adapters.kinds.peft_adapter import ModuleWeights
+from loramux.adapters.model.decoder_layers import find_decoder_layers
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
 
 
 class MultiAdapterLinear(nn.Module):
@@ -51,12 +38,12 @@ class MultiAdapterLinear(nn.Module):
         self.in_features = int(in_f)
         self.out_features = int(out_f)
         self.num_slots = num_slots
-        self._parts: list[_SlotParts | None] = [None] * num_slots
+        self._parts: list[ModuleWeights | None] = [None] * num_slots
         # slot -> compiled delta; what forward reads
         self.deltas: list[SlotDelta | None] = [None] * num_slots
         # plain-LoRA slots' A / B stacked for batched LoRA; their deltas' a_t / b_t are views into it
         self.stacked = StackedLora(self.in_features, self.out_features)
-        # slot -> merged copy of W0 + delta (merged.py); used when ctx.merged_slot is that slot
+        # slot -> merged copy of W0 + delta (cache/merged.py); used when ctx.merged_slot is that slot
         self.merged: dict[int, MergedWeight] = {}
 
     # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
@@ -157,8 +144,8 @@ class MultiAdapterLinear(nn.Module):
         self.stacked.drop(slot)
         self.merged.pop(slot, None)
 
-    def parts(self, slot: int) -> _SlotParts | None:
-        """What is installed in `slot` (read-only; merged.py merges from it)."""
+    def parts(self, slot: int) -> ModuleWeights | None:
+        """What is installed in `slot` (read-only; cache/merged_weights.py merges from it)."""
         return self._parts[self._slot_index(slot)]
 
     def set_merged(self, slot: int, merged: MergedWeight) -> None:
@@ -182,9 +169,9 @@ class MultiAdapterLinear(nn.Module):
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
         return slot
 
-    def _parts_of(self, slot: int) -> _SlotParts:
+    def _parts_of(self, slot: int) -> ModuleWeights:
         if self._parts[self._slot_index(slot)] is None:
-            self._parts[slot] = _SlotParts()
+            self._parts[slot] = ModuleWeights()
         return self._parts[slot]  # type: ignore[return-value]
 
     def _check(self, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -195,7 +182,7 @@ class MultiAdapterLinear(nn.Module):
             raise ValueError(f"{what} is {t.dtype} on {t.device}, the layer is {w.dtype} on {w.device}")
 
     def _compile(self, slot: int) -> None:
-        """Fold one slot's parts into the `SlotDelta` that forward applies (see lora_ops.py)."""
+        """Fold one slot's parts into the `SlotDelta` that forward applies (see kinds/lora.py)."""
         p = self._parts[slot]
         if p is None:
             self.deltas[slot] = None
@@ -244,16 +231,6 @@ class MultiAdapterLinear(nn.Module):
         used = sum(d is not None for d in self.deltas)
         kind = "Conv1D" if self.is_conv1d else "Linear"
         return f"{kind} in={self.in_features} out={self.out_features} slots={self.num_slots} used={used}"
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks: the first one as long as config.num_hidden_layers."""
-    cfg = getattr(model, "config", None)
-    n_layers = getattr(cfg, "num_hidden_layers", None) if cfg is not None else None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers) and len(module) > 0:
-            return name, module
-    raise ValueError("could not find the decoder layers (an nn.ModuleList of num_hidden_layers blocks)")
 
 
 def wrap_linears(model: nn.Module, holder: ContextHolder, num_slots: int) -> dict[str, MultiAdapterLinear]:

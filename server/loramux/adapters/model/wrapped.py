@@ -1,7 +1,7 @@
 """The base model with every adaptable module wrapped once, at start.
 
 Linear / Conv1D projections inside the decoder layers become multi-adapter layers
-(layers.py); decoder blocks get bottleneck insertion points (bottleneck.py). All
+(linear.py); decoder blocks get bottleneck insertion points (blocks.py). All
 of them read the same `ContextHolder`, which the runner sets once per forward.
 """
 
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from loramux.adapters.bottleneck import wrap_blocks
-from loramux.adapters.context import ContextHolder
-from loramux.adapters.layers import wrap_linears
+from loramux.adapters.model.blocks import wrap_blocks
+from loramux.adapters.model.linear import wrap_linears
+from loramux.engine.forward_context import ContextHolder
 
 if TYPE_CHECKING:
-    from loramux.adapters.soft_prompt import SoftPrompt
+    from loramux.adapters.kinds.soft_prompt import SoftPrompt
 
 
 class WrappedModel:

@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loramux.adapters.adapter import AdapterError
-from loramux.adapters.upload import InvalidUpload
+from loramux.adapters.contract import AdapterError
+from loramux.adapters.formats.detect import UnknownFormat, weights_name
+from loramux.adapters.store.upload import InvalidUpload
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
 ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
-CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "loramux_manifest.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-ADAPTERHUB_WEIGHTS = "adapter.safetensors"
 STAGING, TRASH = ".staging", ".trash"
 # Trash entries of an overwrite without RENAME_EXCHANGE; scan() restores them if the
 # crash came before the new directory was in place.
@@ -55,12 +53,11 @@ def validate_adapter_id(adapter_id: object) -> str:
 
 
 def weights_file_for(config: dict[str, Any]) -> str:
-    """The weights file name the config's format uses."""
-    if "peft_type" in config:
-        return PEFT_WEIGHTS
-    if isinstance(config.get("config"), dict):
-        return ADAPTERHUB_WEIGHTS
-    raise InvalidUpload("adapter config has neither 'peft_type' (PEFT) nor a 'config' object (AdapterHub)")
+    """The weights file name the config's format uses (formats/detect.py decides it)."""
+    try:
+        return weights_name(config)
+    except UnknownFormat as e:
+        raise InvalidUpload(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from loramux.adapters.adapter import AdapterError
+from loramux.adapters.contract import AdapterError
 
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000

@@ -1,4 +1,4 @@
-"""The durable on-disk adapter store: `<root>/<adapter_id>/` per adapter (layout: store_layout.py).
+"""The durable on-disk adapter store: `<root>/<adapter_id>/` per adapter (layout: layout.py).
 
 Readers never see a partial adapter: a directory appears in place only by one
 rename of a complete, fsynced staging directory; an overwrite swaps the two
@@ -21,11 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loramux.adapters.safetensors_check import InvalidWeightsFile, check_safetensors
-from loramux.adapters.store_layout import (
-    ADAPTER_ID_RE,
-    CONFIG_FILE,
-    MANIFEST_FILE,
+from loramux.adapters.formats.detect import CONFIG_FILE
+from loramux.adapters.store.layout import (
     REPLACED_PREFIX,
     SHA256_RE,
     STAGING,
@@ -36,12 +33,13 @@ from loramux.adapters.store_layout import (
     fsync_dir,
     fsync_file,
     remove,
-    sha256_file,
     validate_adapter_id,
     weights_file_for,
     write_manifest,
 )
-from loramux.adapters.upload import (
+from loramux.adapters.store.safetensors_check import InvalidWeightsFile
+from loramux.adapters.store.scan import persist_manifest, read_adapter_dir, recover_trash
+from loramux.adapters.store.upload import (
     ChecksumMismatch,
     InvalidUpload,
     SizeMismatch,
@@ -66,7 +64,7 @@ __all__ = [
     "validate_adapter_id",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("loramux.adapters.store")
 
 
 class AlreadyExists(Exception):
@@ -130,7 +128,7 @@ class AdapterStore:
             if record.sha256 != sha256 or record.adapter_type == adapter_type:
                 return record
             record = replace(record, adapter_type=adapter_type)
-            self._persist_manifest(record)
+            persist_manifest(record)
             with self._lock:
                 self._records[adapter_id] = record
             return record
@@ -151,7 +149,7 @@ class AdapterStore:
             if entry.name not in active:
                 remove(entry)
         for entry in self._trash.iterdir():
-            self._recover_trash(entry)
+            recover_trash(self.root, entry)
         records: dict[str, StoredAdapter] = {}
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or not entry.is_dir():
@@ -166,65 +164,8 @@ class AdapterStore:
             self._records = records
         return self.list()
 
-    def _recover_trash(self, entry: Path) -> None:
-        # `replaced-<hex>-<id>`: an overwrite that moved the old dir aside and crashed
-        # before the new one was renamed in. Put the old one back.
-        name = entry.name
-        if name.startswith(REPLACED_PREFIX) and (entry / MANIFEST_FILE).is_file():
-            target = self.root / name[len(REPLACED_PREFIX) :].partition("-")[2]
-            if ADAPTER_ID_RE.fullmatch(target.name) and not target.exists():
-                os.rename(entry, target)
-                log.warning("adapter store: restored %s after an interrupted overwrite", target.name)
-                return
-        remove(entry)
-
     def _load_dir(self, adapter_id: str, classify: Validator | None) -> StoredAdapter:
-        path = self.root / adapter_id
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise InvalidUpload(f"{CONFIG_FILE} is not a JSON object")
-        weights_file = weights_file_for(config)
-        st = (path / weights_file).stat()
-        try:
-            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            manifest = {}
-        if not isinstance(manifest, dict):
-            manifest = {}
-        # Size and mtime catch weights replaced by hand without hashing every file at startup.
-        fresh = (
-            manifest.get("weights_file") == weights_file
-            and manifest.get("weights_size") == st.st_size
-            and manifest.get("weights_mtime_ns") == st.st_mtime_ns
-            and isinstance(manifest.get("weights_sha256"), str)
-            and SHA256_RE.fullmatch(manifest["weights_sha256"]) is not None
-        )
-        created = manifest.get("created_unix_ms")
-        record = StoredAdapter(
-            adapter_id=adapter_id,
-            path=path,
-            config=config,
-            weights_file=weights_file,
-            sha256=manifest["weights_sha256"] if fresh else "",
-            size=st.st_size,
-            created_unix_ms=created if isinstance(created, int) else int(time.time() * 1000),
-            version=self._next_version(),
-            adapter_type=manifest.get("adapter_type") if fresh else None,
-        )
-        if not fresh:
-            check_safetensors(record.weights_path)
-            record = replace(record, sha256=sha256_file(record.weights_path))
-        if record.adapter_type is None and classify is not None:
-            record = replace(record, adapter_type=classify(config, record.weights_path))
-        if not fresh or record.adapter_type != manifest.get("adapter_type") or manifest.get("adapter_id") != adapter_id:
-            self._persist_manifest(record)
-        return record
-
-    def _persist_manifest(self, record: StoredAdapter) -> None:
-        try:
-            write_manifest(record)
-        except OSError as e:  # a read-only store still serves; it just rehashes at the next start
-            log.warning("adapter store: cannot write the manifest of %s: %s", record.adapter_id, e)
+        return read_adapter_dir(self.root / adapter_id, self._next_version(), classify)
 
     # ---- uploads -----------------------------------------------------------
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from loramux.adapters.adapter import ADAPTER_TYPES, AdapterError
-from loramux.adapters.safetensors_check import check_safetensors
+from loramux.adapters.contract import ADAPTER_TYPES, AdapterError
+from loramux.adapters.store.safetensors_check import check_safetensors
 
 T = TypeVar("T")
 
