@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import platform
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -90,8 +90,8 @@ def download(pkgs: dict[str, str], dest: Path, python_version: str) -> None:
     for old in dest.glob("*.whl"):
         old.unlink()  # one version of each: two would stop the whole install there
     for name, version in pkgs.items():
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--python-version", python_version, "--implementation", "cp", "-d", str(dest), f"{name}=={version}"]  # fmt: skip
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--python-version", python_version, "--implementation", "cp", "-d", str(dest), f"{name}=={version}"]
         for p in PLATFORMS:
             cmd += ["--platform", p]
         subprocess.run(cmd, check=True)
