@@ -104,6 +104,8 @@ class LoramuxServer:
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
         self.generation.attach(self.engine, self.store.exists)
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
+        # A model the engine cannot serve exactly is never served: this raises, and serve exits non-zero.
+        await loop.run_in_executor(None, self.engine.self_check)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

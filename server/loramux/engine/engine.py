@@ -81,6 +81,14 @@ class Engine:
                 f"{free / 2**30:.1f} GiB is free on {base.device}; lower --max-running or --max-model-len"
             )
 
+    def self_check(self) -> None:
+        """Before SERVING: the engine's logits equal plain transformers' (self_check.py); raises ModelCheckFailed."""
+        from loramux.engine.self_check import self_check
+
+        if self._thread is not None:
+            raise RuntimeError("the self-check runs before the engine starts")
+        self_check(self.runner, self.runner.reference_impl, self.max_len, type(self.base.model).__name__)
+
     # --- API side (any thread) ---
     def validate(self, req: Request) -> None:
         """Check a request against the model and resolve defaults; ValueError says what is wrong."""

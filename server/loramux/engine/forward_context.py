@@ -3,8 +3,8 @@
 The runner builds one `AdapterContext` before each forward and sets it on the
 model's `ContextHolder`; every wrapped layer holds a reference to that holder.
 Nothing is threaded through `forward` signatures and no hooks are added per call.
-The attention metadata in it is also what the runner hands to transformers'
-attention interface (its model-forward kwarg), the channel that interface has.
+Attention modules hold a reference to the same holder (engine/attention.py) and
+read the attention metadata from it.
 
 Token rows are flat: the model runs on `input_ids` of shape [1, tokens], so a
 layer sees `x: [1, tokens, hidden]` and flattens it to `[tokens, hidden]`. The

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loramux.engine import attention
-from loramux.engine.attention import META_KWARG, AttentionMeta, PrefillSeq
+from loramux.engine.attention import AttentionMeta, PrefillSeq
 from loramux.engine.forward_context import AdapterContext
 from loramux.engine.kv_cache import KVCache
 from loramux.engine.request import Request
@@ -39,8 +39,14 @@ class Runner:
         self.model = wrapped.model
         self.cache = cache
         self.device = wrapped.device
+        # transformers' own attention implementation, before loramux's replaces it (the self-check's reference)
+        self.reference_impl: str = self.model.config._attn_implementation or "eager"
         attention.register()
         self.model.set_attn_implementation(attention.ATTN_IMPL)
+        # attention reads its metadata from the one per-forward context, as the wrapped layers do
+        attention.attach(self.model, wrapped.holder)
+        # the layers whose attention ran in the last forward (the self-check reads it)
+        self.layers_attended: set[int] = set()
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
@@ -97,7 +103,7 @@ class Runner:
             write_pos=torch.tensor(pos, device=dev),
             dec_tokens=torch.tensor(dec_tokens, device=dev) if dec_tokens else None,
             dec_rows=torch.tensor(dec_rows, device=dev) if dec_rows else None,
-            dec_mask=_length_mask(dec_lens, dec_rows if dense else None, dev) if dec_lens else None,
+            dec_lengths=_row_lengths(dec_lens, dec_rows if dense else None, dev) if dec_lens else None,
             prefills=prefills,
             dec_dense=dense,
         )
@@ -117,10 +123,10 @@ class Runner:
                 position_ids=torch.tensor([pos], device=dev),
                 use_cache=False,
                 logits_to_keep=torch.tensor(last_token, device=dev),
-                **{META_KWARG: ctx.attention},  # transformers' attention interface takes it as a kwarg
             )
         finally:
             self.wrapped.holder.set(None)
+        self.layers_attended = meta.layers
         for r in reqs:
             r.num_computed = r.seq_len
         return out.logits[0].float()  # [len(reqs), vocab]
@@ -175,18 +181,14 @@ class Runner:
         r.num_computed = p
 
 
-def _length_mask(lengths: list[int], rows: list[int] | None, device: torch.device) -> torch.Tensor:
-    """Key position j is visible to sequence b when j < lengths[b].
+def _row_lengths(lengths: list[int], rows: list[int] | None, device: torch.device) -> torch.Tensor:
+    """The decode mask's row lengths: [B] one per sequence (rows=None), or [R] indexed by cache row.
 
-    rows=None: [B, 1, 1, L], one row per sequence. rows given: [R, 1, 1, L] indexed by cache
-    row (R = max row + 1); rows without a sequence see every key (never an all-masked row).
+    R = max row + 1; rows without a sequence get the longest length (never an all-masked row).
     """
-    longest = int(max(lengths))
     if rows is None:
-        lens = torch.tensor(lengths, device=device)
-    else:
-        by_row = [longest] * (max(rows) + 1)
-        for row, n in zip(rows, lengths):
-            by_row[row] = n
-        lens = torch.tensor(by_row, device=device)
-    return (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        return torch.tensor(lengths, device=device)
+    by_row = [max(lengths)] * (max(rows) + 1)
+    for row, n in zip(rows, lengths):
+        by_row[row] = n
+    return torch.tensor(by_row, device=device)
