@@ -100,9 +100,6 @@ def test_served_exactly_or_refused(arch, tmp_path):
         deadline = time.monotonic() + 30
         while s.engine.num_waiting < len(cases) and time.monotonic() < deadline:
             time.sleep(0.01)
-        steps = s.engine.steps
         gate.set()
         got = [list(f.result(timeout=120).token_ids) for f in futures]
         assert got == [w for pair in zip(want_base, want_lora) for w in pair]
-        # Every request ran in the same STEPS forwards: one batch from prefill to the last token.
-        assert s.engine.steps - steps == STEPS
