@@ -33,6 +33,7 @@ def test_staggered_batches_equal_transformers(config, kv_rows):
     for b in batches:
         logits = runner.run(b)
         for r, row in zip(b.requests, logits):
+            runner.commit(r)
             r.output_ids.append(int(row.argmax()))
     for r, prompt in zip(reqs, PROMPTS):
         with torch.inference_mode():

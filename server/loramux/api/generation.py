@@ -120,15 +120,20 @@ class GenerationService(pb_grpc.GenerationServicer):
         else:
             prompt_ids = list(request.prompt_token_ids)
         p = request.params
+        # proto3 sends 0 for an unset float: only an exact 0 means "off"; NaN, negative or
+        # out-of-range values go on to validation and are refused there, never taken as off.
         params = SamplingParams(
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature,
-            top_p=p.top_p if p.top_p > 0 else 1.0,
+            top_p=1.0 if p.top_p == 0 else p.top_p,
             top_k=p.top_k,
             seed=p.seed if p.HasField("seed") else None,
             stop=tuple(p.stop),
-            repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
+            repetition_penalty=1.0 if p.repetition_penalty == 0 else p.repetition_penalty,
             ignore_eos=p.ignore_eos,
+            min_p=p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
         )
         remaining = context.time_remaining()
         return Request(

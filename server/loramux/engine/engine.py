@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-
 from loramux.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.kv_cache import KVCache, available_bytes, kv_cache_bytes
@@ -109,9 +107,8 @@ class Engine:
     def submit(self, req: Request) -> None:
         """Queue a validated request. Raises QueueFull, or Draining once admission stopped."""
         req.detok = Detokenizer(self.base.tokenizer, req.params.stop)
-        if not req.params.greedy:
-            seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-            req.generator = torch.Generator(device=self.base.device).manual_seed(seed % (2**63))
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        req.seed = seed % 2**64
         with self._cv:
             if not self._admitting:
                 raise Draining("the server is draining and admits no new requests")
@@ -211,8 +208,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             reqs = batch.requests
-            logits = self.runner.run(batch)
-            tokens, logprobs = self.sampler.sample(logits, reqs)
+            out = self.sampler.sample(self.runner.run(batch), reqs)
+            tokens, logprobs = out.tokens, out.logprobs
         except Exception:
             log.exception("forward failed for %d requests; running them one by one", len(batch.requests))
             reqs, tokens, logprobs = self._isolate(batch)
@@ -222,21 +219,29 @@ class Engine:
                 self.metrics.merged_batch()
         self.steps += 1
         now = time.monotonic()
+        # Only now, with every row's token drawn, does any request's state move on.
         for r, tok, lp in zip(reqs, tokens, logprobs):
+            if tok is None:  # this row alone had non-finite logits: only its request fails
+                log.error("request %s: the model's logits are not finite (NaN or inf)", r.request_id)
+                self.scheduler.finish(r)
+                self._fail(r, RuntimeError("the model produced non-finite logits for this request"))
+                continue
+            self.runner.commit(r)
             self._advance(r, tok, lp, now)
         # Again after the step: requests that finished in it leave the gauges now,
         # not at the next step (which never comes when the server goes idle).
         self._gauges()
         return True
 
-    def _isolate(self, batch: Batch) -> tuple[list[Request], list[int], list[float | None]]:
+    def _isolate(self, batch: Batch) -> tuple[list[Request], list[int | None], list[float | None]]:
         """After a failed forward: run each request alone, so only the one that fails gets INTERNAL.
 
-        Safe to repeat: a request's `num_computed` advances only after a forward succeeds, and
-        re-running writes the same K/V to the same cache positions.
+        Safe to repeat: no request's state (`num_computed`, its tokens) moves until its token is
+        drawn, re-running writes the same K/V to the same cache positions, and the sampler's
+        draw depends only on the request (sampler.py), so the re-run draws the same token.
         """
         ok: list[Request] = []
-        tokens: list[int] = []
+        tokens: list[int | None] = []
         logprobs: list[float | None] = []
         for r in batch.requests:
             alone = Batch(
@@ -245,15 +250,15 @@ class Engine:
                 merged_slot=batch.merged_slot if r.adapter_slot == batch.merged_slot else -1,
             )
             try:
-                tok, lp = self.sampler.sample(self.runner.run(alone), [r])
+                out = self.sampler.sample(self.runner.run(alone), [r])
             except Exception as e:
                 log.exception("request %s failed in the forward", r.request_id)
                 self.scheduler.finish(r)
                 self._fail(r, e)
                 continue
             ok.append(r)
-            tokens.extend(tok)
-            logprobs.extend(lp)
+            tokens.extend(out.tokens)
+            logprobs.extend(out.logprobs)
         return ok, tokens, logprobs
 
     def _advance(self, r: Request, tok: int, lp: float | None, now: float) -> None:
@@ -294,7 +299,8 @@ class Engine:
         self._emit(r, TokenEvent([], "", [], cancelled=True))
 
     def _record(self, r: Request, status: str) -> None:
-        """The one place a finished request is counted and logged."""
+        """The one place a finished request is counted and logged (and its sampling state freed)."""
+        self.sampler.release(r)
         if r in self.quiet:
             self.quiet.discard(r)
             return

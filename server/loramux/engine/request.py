@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 class FinishReason(enum.IntEnum):
     # Values equal the proto enum's, so the API maps them 1:1.
@@ -37,25 +35,41 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
-        """Raise ValueError with a message that names the bad parameter."""
+        """Raise ValueError with a message that names the bad parameter.
+
+        NaN fails every range check below (each is written so that a NaN is out of range),
+        so no NaN or infinity is ever taken as "off".
+        """
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError("temperature must be a finite number >= 0")
-        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1] (0 means off)")
+        _in_range("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (0 or unset = off), got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0 (0 means off)")
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (0 or unset = off), got {self.repetition_penalty}"
+            )
+        _in_range("min_p", self.min_p, 0.0, 1.0, "in [0, 1] (0 = off)")
+        _in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        _in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, what: str) -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 @dataclass
@@ -96,7 +110,7 @@ class Request:
     num_virtual: int = 0
     num_computed: int = 0  # positions whose K/V are in the cache (virtual ones included)
     detok: Any = None  # the request's incremental detokenizer
-    generator: torch.Generator | None = None
+    seed: int = 0  # the sampler's random stream (sampler.py): params.seed, or a random one at submission
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token_at: float | None = None

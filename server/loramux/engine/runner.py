@@ -127,9 +127,15 @@ class Runner:
         finally:
             self.wrapped.holder.set(None)
         self.layers_attended = meta.layers
-        for r in reqs:
-            r.num_computed = r.seq_len
         return out.logits[0].float()  # [len(reqs), vocab]
+
+    @staticmethod
+    def commit(r: Request) -> None:
+        """Record that the last forward's K/V of `r` are in the cache; called once its next token is drawn.
+
+        `run` itself moves no request's state, so a batch that fails (in the forward or in
+        sampling) can be re-run as it was."""
+        r.num_computed = r.seq_len
 
     def _run_split(self, batch: Batch) -> torch.Tensor:
         """Two forwards: the merged slot's rows on its merged weights (no adapter arithmetic), the rest unmerged."""
