@@ -93,15 +93,19 @@ class AdapterContext:
         merged_slot: int = BASE_SLOT,
         lora_path: str = "auto",
         attention: AttentionMeta | None = None,
+        slots_tensor: torch.Tensor | None = None,
     ) -> AdapterContext:
-        """Build the context from each token row's slot (rows already grouped by slot)."""
+        """Build the context from each token row's slot (rows already grouped by slot).
+
+        slots_tensor: `row_slots` already on the device (the runner copies all of a forward's
+        indices at once); made here when not given."""
         segments: list[Segment] = []
         start = 0
         for i in range(1, len(row_slots) + 1):
             if i == len(row_slots) or row_slots[i] != row_slots[start]:
                 segments.append(Segment(start, i, row_slots[start]))
                 start = i
-        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        slots = slots_tensor if slots_tensor is not None else torch.tensor(row_slots, dtype=torch.long, device=device)
         return AdapterContext(slots, segments, merged_slot, lora_path, attention)
 
 

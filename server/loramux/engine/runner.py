@@ -97,19 +97,25 @@ class Runner:
         # Dense decode attention reads cache rows 0..R-1 as views; worth it while few of them
         # are idle (rows are handed out lowest-first, so running ones stay packed).
         dense = bool(dec_rows) and max(dec_rows) + 1 <= 2 * len(dec_rows)
+        mask_lens = _mask_lengths(dec_lens, dec_rows if dense else None)
+        # Every index tensor of this forward in one host buffer and one copy to the device.
+        t = to_device([ids, pos, rows, slots, last_token, dec_tokens, dec_rows, mask_lens], dev)
+        t_ids, t_pos, t_rows, t_slots, t_last, t_dec_tokens, t_dec_rows, t_lens = t
         meta = AttentionMeta(
             cache=self.cache,
-            write_rows=torch.tensor(rows, device=dev),
-            write_pos=torch.tensor(pos, device=dev),
-            dec_tokens=torch.tensor(dec_tokens, device=dev) if dec_tokens else None,
-            dec_rows=torch.tensor(dec_rows, device=dev) if dec_rows else None,
-            dec_lengths=_row_lengths(dec_lens, dec_rows if dense else None, dev) if dec_lens else None,
+            write_rows=t_rows,
+            write_pos=t_pos,
+            dec_tokens=t_dec_tokens if dec_tokens else None,
+            dec_rows=t_dec_rows if dec_rows else None,
+            dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
             dec_dense=dense,
         )
-        ctx = AdapterContext.from_row_slots(slots, dev, batch.merged_slot, self.lora_path, attention=meta)
+        ctx = AdapterContext.from_row_slots(
+            slots, dev, batch.merged_slot, self.lora_path, attention=meta, slots_tensor=t_slots
+        )
         self.wrapped.holder.set(ctx)
-        input_ids = torch.tensor([ids], device=dev)
+        input_ids = t_ids[None, :]  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
         if virtual:
             # Only while a prompt-tuned request is prefilled: embed here and put its virtual rows in.
@@ -120,9 +126,9 @@ class Runner:
         try:
             out = self.model(
                 **inputs,
-                position_ids=torch.tensor([pos], device=dev),
+                position_ids=t_pos[None, :],
                 use_cache=False,
-                logits_to_keep=torch.tensor(last_token, device=dev),
+                logits_to_keep=t_last,
             )
         finally:
             self.wrapped.holder.set(None)
@@ -187,14 +193,31 @@ class Runner:
         r.num_computed = p
 
 
-def _row_lengths(lengths: list[int], rows: list[int] | None, device: torch.device) -> torch.Tensor:
-    """The decode mask's row lengths: [B] one per sequence (rows=None), or [R] indexed by cache row.
+def _mask_lengths(lengths: list[int], rows: list[int] | None) -> list[int]:
+    """The key length each decode-mask row sees (key j is visible when j < it).
 
-    R = max row + 1; rows without a sequence get the longest length (never an all-masked row).
+    rows=None: one per sequence, its own length. rows given: one per cache row 0..max(rows)
+    (the dense layout); rows without a sequence see every key (never an all-masked row).
     """
-    if rows is None:
-        return torch.tensor(lengths, device=device)
+    if not lengths or rows is None:
+        return lengths
     by_row = [max(lengths)] * (max(rows) + 1)
     for row, n in zip(rows, lengths):
         by_row[row] = n
-    return torch.tensor(by_row, device=device)
+    return by_row
+
+
+def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Int lists as int64 tensors on `device`, through one host buffer and one copy.
+
+    On CUDA the buffer is pinned and the copy asynchronous (non_blocking): the host goes on
+    building the step while it runs, and no layer waits for it but on the device's own stream.
+    """
+    flat = [v for part in parts for v in part]
+    host = torch.tensor(flat, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        out = host.to(device, non_blocking=True)
+    else:
+        out = host
+    return list(out.split([len(part) for part in parts]))

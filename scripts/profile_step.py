@@ -1,0 +1,97 @@
+"""One engine decode step, taken apart: the model's forward vs. everything around it (batch tensors, sampling).
+
+Builds the bench's synthetic model (`--preset cpu`: Llama, hidden 512, 4 layers, byte
+vocabulary) in a temporary directory, runs an `Engine` in this process (no server), puts
+N requests into the decode phase and times `engine.step()` over many steps, with the
+model's own forward timed by a forward hook. Prints, per row count and sampling mode, the
+milliseconds per step, of them in the forward, and the share outside it. All modes of a
+row count take turns step by step, so drift on a shared machine hits them alike:
+
+    PYTHONPATH=server .venv/bin/python scripts/profile_step.py --threads 2 --rows 1,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loramux.adapters.model.wrapped import WrappedModel
+from loramux.bench.synthetic import write_synthetic_model
+from loramux.config import EngineConfig
+from loramux.engine.engine import Engine
+from loramux.engine.request import Request, SamplingParams
+from loramux.model import load_base_model
+
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
+PENALTIES = {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+# (fields a SamplingParams lacks are left out, so that the script also runs on older code)
+MODES = {
+    name: SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.__dataclass_fields__})
+    for name, kw in (("greedy", {}), ("sampled", SAMPLED), ("penalties", {**SAMPLED, **PENALTIES}))
+}
+
+
+class ForwardClock:
+    """Seconds spent inside the model's forward (a hook pair on the top module)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+        model.register_forward_pre_hook(lambda *_: self._start())
+        model.register_forward_hook(lambda *_: self._stop())
+
+    def _start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self) -> None:
+        self.total += time.perf_counter() - self._t0
+
+
+def decoding_engine(model_dir: Path, rows: int, params: SamplingParams, steps: int) -> Engine:
+    base = load_base_model(str(model_dir), device="cpu", dtype="float32")
+    engine = Engine(base, WrappedModel(base.model, num_slots=1), EngineConfig(max_running=rows, max_model_len=512))
+    for i in range(rows):
+        p = SamplingParams(**{**params.__dict__, "max_new_tokens": steps + 8, "ignore_eos": True})
+        r = Request(f"r{i}", [3 + (i * 7 + j) % 250 for j in range(16 + i % 17)], p)
+        engine.validate(r)
+        engine.submit(r)
+    with engine._cv:
+        engine.scheduler.waiting.extend(engine._inbox)
+        engine._inbox.clear()
+    engine.step()  # the prefill: every later step decodes all rows
+    return engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,64")
+    p.add_argument("--steps", type=int, default=60)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_synthetic_model("cpu", Path(tmp) / "model")
+        for rows in [int(x) for x in a.rows.split(",")]:
+            engines = {m: decoding_engine(model_dir, rows, sp, a.steps) for m, sp in MODES.items()}
+            clocks = {m: ForwardClock(e.runner.model) for m, e in engines.items()}
+            wall = dict.fromkeys(MODES, 0.0)
+            for _ in range(a.steps):
+                for m, e in engines.items():
+                    t0 = time.perf_counter()
+                    e.step()
+                    wall[m] += time.perf_counter() - t0
+            for m in MODES:
+                step_ms, fwd_ms = 1e3 * wall[m] / a.steps, 1e3 * clocks[m].total / a.steps
+                print(
+                    f"rows={rows:3d} {m:9s} step {step_ms:7.2f} ms  forward {fwd_ms:7.2f} ms  "
+                    f"outside the forward {100 * (1 - fwd_ms / step_ms):5.1f}%  "
+                    f"step / greedy step {wall[m] / wall['greedy']:.3f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
