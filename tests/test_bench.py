@@ -24,6 +24,7 @@ EXPECTED = {
             "hot80-merged"},
     "kinds": {"kinds-base", "lora+bottleneck", "lora+soft-prompt", "dora+ia3"},
     "scale": {"scale-base", "scale-n2", "scale-n12"},
+    "sampling": {"mixed-greedy", "mixed-sampled", "mixed-penalties", "single-loramux", "single-hf"},
 }
 # Parts of the server that other work may not have landed yet; the bench reports them as unavailable.
 MAY_BE_UNAVAILABLE = {"single-merged", "hot80-merged", "lora+soft-prompt", "lora+bottleneck"}
@@ -55,6 +56,8 @@ def test_json_has_every_config_with_sane_numbers(bench_out):
     assert base_vs_hf["status"] == "ok" and base_vs_hf["value"] > 0 and base_vs_hf["issues"] == [2]
     assert ratios["mixed adapters / base-only"]["value"] > 0
     assert ratios["12 adapters / 2 adapters"]["value"] > 0
+    assert ratios["sampled / greedy throughput"]["value"] > 0 and ratios["penalties / greedy throughput"]["value"] > 0
+    assert result["suites"]["sampling"]["configs"]["mixed-penalties"]["summary"]["tokens"] > 0
     loads = result["suites"]["scale"]["adapter_load_seconds"]
     assert loads["count"] > 0  # 12 adapters over 4 device slots: some had to be loaded
 

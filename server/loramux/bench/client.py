@@ -55,7 +55,7 @@ async def _one(stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult,
         adapter_id=r.adapter_id,
         prompt_token_ids=list(r.prompt_ids),
         # ignore_eos: every configuration generates exactly the asked-for number of tokens.
-        params=pb.SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True),
+        params=pb.SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True, **dict(r.sampling)),
     )
     sent = time.perf_counter()
     last: float | None = None

@@ -19,7 +19,7 @@ MERGED_COUNTER = "loramux_merged_batches"
 
 
 def build_suites(env: Environment) -> list[Suite]:
-    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale}
+    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale, "sampling": _sampling}
     return [builders[name](env) for name in env.opts.suites]
 
 
@@ -182,3 +182,33 @@ def _scale(env: Environment) -> Suite:
     title = f"{len(ids)} registered LoRA adapters (r{o.scale_rank}, {','.join(o.scale_targets)}), " \
             f"Zipf({o.scale_zipf_s:g}) popularity, {o.device_slots} device slots, {o.scale_requests} requests"
     return Suite("scale", title, configs, ratios, after=after, before=before)
+
+
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
+PENALTIES = {**SAMPLED, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+
+
+def _sampling(env: Environment) -> Suite:
+    """The batch sampler's cost: the mixed workload greedy, sampled and with penalties, and one stream
+    against plain `transformers` `generate` (per-token latency, same model, same threads)."""
+    o, a, bl = env.opts, env.server, env.baselines
+    mix = dict(adapters=env.groups["mix"], popularity=o.popularity)
+    single = dict(num_requests=o.single_requests, clients=1, rate=0.0, output_len=(o.single_output, o.single_output))
+    s_base = _spec(env, **single)
+    configs = [
+        _served(env, "mixed-greedy", a, _spec(env, **mix), "mixed adapters, greedy"),
+        _served(env, "mixed-sampled", a, _spec(env, **mix, sampling=SAMPLED), f"mixed adapters, {SAMPLED}"),
+        _served(env, "mixed-penalties", a, _spec(env, **mix, sampling=PENALTIES), f"mixed adapters, {PENALTIES}"),
+        _served(env, "single-loramux", a, s_base, "one stream, base model"),
+        _offline("single-hf", "transformers generate, one request at a time",
+                 lambda r: bl.hf_static("single-hf", r, 1), s_base, 1),
+    ]  # fmt: skip
+    ratios = [
+        Ratio("sampled / greedy throughput", "mixed-sampled", "mixed-greedy", goal=0.95, floor=0.9, issues=(16,)),
+        Ratio("penalties / greedy throughput", "mixed-penalties", "mixed-greedy", goal=0.9, floor=0.85,
+              issues=(16,)),
+        Ratio("per-token latency: loramux / transformers generate, one stream", "single-loramux", "single-hf",
+              metric="itl_p50", goal=0.12, higher_is_better=False, issues=(16,)),
+    ]  # fmt: skip
+    title = f"{o.requests} requests over {len(env.groups['mix'])} adapters, greedy / sampled / penalties; one stream"
+    return Suite("sampling", title, configs, ratios)

@@ -18,6 +18,7 @@ class BenchRequest:
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     adapter_id: str = ""  # "" = the base model
+    sampling: tuple[tuple[str, float], ...] = ()  # SamplingParams fields beyond the default greedy ones
 
 
 @dataclass
@@ -34,6 +35,7 @@ class WorkloadSpec:
     rate: float = 0.0  # > 0: open loop, Poisson arrivals at this many requests per second
     vocab: tuple[int, int] = (3, 259)  # prompt token ids are drawn from [lo, hi)
     seed: int = 0
+    sampling: dict[str, float] = field(default_factory=dict)  # e.g. temperature, top_p; empty: greedy
 
     def validate(self) -> None:
         if self.num_requests < 1:
@@ -66,6 +68,7 @@ class WorkloadSpec:
             "output_len": list(self.output_len),
             "arrivals": f"poisson {self.rate}/s" if self.rate > 0 else f"closed loop, {self.clients} clients",
             "seed": self.seed,
+            "sampling": dict(self.sampling) or "greedy",
         }
 
 
@@ -82,7 +85,7 @@ def make_requests(spec: WorkloadSpec) -> list[BenchRequest]:
         adapter = ""
         if spec.adapters and picks.random() >= spec.base_share:
             adapter = picks.choices(spec.adapters, weights=weights)[0]
-        out.append(BenchRequest(prompt, n_out, adapter))
+        out.append(BenchRequest(prompt, n_out, adapter, tuple(sorted(spec.sampling.items()))))
     return out
 
 
