@@ -103,29 +103,32 @@ class Sampler:
             for r in reqs
         ]  # fmt: skip
         params = torch.tensor(rows, dtype=torch.float64).to(dev, non_blocking=True)  # [S, 5]
-        idx = torch.tensor(index, device=dev)
-        x = (logits.index_select(0, idx) - top.index_select(0, idx)[:, None]) / params[:, 0:1].to(logits.dtype)
         out = torch.empty(len(reqs), dtype=torch.long, device=dev)
         # Three groups by the work they need: top-k (a partial sort of max k), top-p alone (a full
-        # sort), neither (no sort). Each group is a handful of batched ops.
+        # sort), neither (no sort). Each group is a handful of batched ops. Sorting and top-k run on
+        # the raw logits (x is monotone in l), so only the values kept are tempered.
         groups: dict[str, list[int]] = {"topk": [], "sort": [], "none": []}
         for j, (_t, k, p, _m, _u) in enumerate(rows):
             groups["topk" if k > 0 else "sort" if p < 1.0 else "none"].append(j)
         for kind, js in groups.items():
             if not js:
                 continue
-            sel = torch.tensor(js, device=dev) if len(js) < len(rows) else None
-            xs = x if sel is None else x.index_select(0, sel)  # [G, vocab]
+            everyone = len(js) == len(rows) and len(index) == logits.shape[0]
+            sel = None if len(js) == len(rows) else torch.tensor(js, device=dev)  # into the sampled rows
+            at = torch.tensor([index[j] for j in js], device=dev)  # [G] into the batch
+            lg = logits if everyone else logits.index_select(0, at)  # [G, vocab] raw logits
             ps = params if sel is None else params.index_select(0, sel)  # [G, 5]
             if kind == "topk":
                 kmax = max(rows[j][1] for j in js)
-                vals, order = xs.topk(kmax, dim=-1)  # [G, K] descending, token ids [G, K]
+                vals, order = lg.topk(kmax, dim=-1)  # [G, K] descending, token ids [G, K]
+            elif kind == "sort":
+                vals, order = lg.sort(dim=-1, descending=True, stable=True)  # [G, vocab]
+            else:
+                vals, order = lg, None
+            vals = (vals - top.index_select(0, at)[:, None]) / ps[:, 0:1].to(vals.dtype)  # x = (l - m) / T
+            if kind == "topk":
                 keep_k = torch.arange(kmax, device=dev)[None, :] < ps[:, 1:2]
                 vals = vals.masked_fill(~keep_k, -math.inf)
-            elif kind == "sort":
-                vals, order = xs.sort(dim=-1, descending=True, stable=True)  # [G, vocab]
-            else:
-                vals, order = xs, None
             if kind != "none" and any(rows[j][2] < 1.0 for j in js):
                 probs = torch.softmax(vals, dim=-1)
                 before = probs.cumsum(-1) - probs  # mass ahead of each token, in descending order
