@@ -68,7 +68,7 @@ class Environment:
             hot = self.groups["mix"][0]
             # Ask for the merge explicitly where the server has the API; otherwise its hot policy decides.
             self.merged_note = self.merged.load_adapter(hot, merge=True, pin=True)
-        if "mixed" in o.suites:
+        if "mixed" in o.suites or "sampling" in o.suites:
             lora = {a: self.adapter_dirs[a] for a in self.groups["mix"]}
             self.baselines = Baselines(self.model_dir, self.device, self.dtype, peft_adapters=lora)
 
