@@ -98,6 +98,7 @@ def test_layers_that_drop_their_kwargs_are_served_exactly():
         reqs.append(r)
     for b in [Batch(prefill=reqs, decode=[])] + [Batch(prefill=[], decode=reqs) for _ in range(5)]:
         for r, row in zip(b.requests, engine.runner.run(b)):
+            engine.runner.commit(r)
             r.output_ids.append(int(row.argmax()))
     # The reference recomputes the whole sequence each step: such layers drop transformers' own KV cache too.
     model.set_attn_implementation("sdpa")

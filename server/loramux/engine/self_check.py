@@ -108,6 +108,7 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
                 raise ModelCheckFailed(f"{architecture}: the engine's forward fails ({what}): {e}") from e
             _check_coverage(runner, architecture)
             for r, row in zip(batch.requests, logits):
+                runner.commit(r)  # its K/V are in the cache now (run moves no request's state)
                 got.append((what, r, r.all_ids, row))
                 if not (r is a and len(a.prompt_ids) < len(prompts[0])):
                     r.output_ids.append(int(row.argmax()))
