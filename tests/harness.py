@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -69,3 +71,55 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll `cond` until it holds (a condition to reach, never a time to assert)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)
+
+
+class Hold:
+    """Hold the engine loop between two steps, so that what is sent meanwhile is only queued.
+
+    `release()` lets it go; `release(steps=1)` lets it schedule what was sent while it was held,
+    run one step with it (a new request's prefill and first token), and returns once it is held
+    again after that step (the next `release()` lets it go for good). Deterministic: no sleeps.
+    """
+
+    def __init__(self, engine) -> None:  # noqa: ANN001
+        self.engine = engine
+        self._gate = threading.Event()
+        self._then: dict[int, threading.Event] = {}
+        self._held: dict[int, threading.Event] = {id(self._gate): threading.Event()}
+        gate = self._gate
+        engine.call(lambda: self._wait(gate))
+        self._held[id(gate)].wait(120)
+
+    def _wait(self, gate: threading.Event) -> None:
+        self._held[id(gate)].set()
+        gate.wait(120)
+        after = self._then.pop(id(gate), None)
+        if after is not None:  # queued from the engine thread: runs after this iteration's step
+            self.engine.call(lambda: self._wait(after))
+
+    def release(self, steps: int | None = None) -> None:
+        if steps not in (None, 1):
+            raise ValueError("release() or release(steps=1)")
+        gate = self._gate
+        if steps == 1:
+            after = threading.Event()
+            self._held[id(after)] = threading.Event()
+            self._gate = self._then[id(gate)] = after
+        gate.set()
+        if steps == 1 and not self._held[id(after)].wait(120):
+            raise AssertionError("the engine did not come back to the hold")
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate.set()

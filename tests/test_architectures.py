@@ -10,13 +10,11 @@ An architecture the engine cannot serve exactly is refused at start, naming it.
 from __future__ import annotations
 
 import copy
-import threading
-import time
 
 import pytest
 import torch
 from architectures import ARCHS, Arch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -93,13 +91,9 @@ def test_served_exactly_or_refused(arch, tmp_path):
             assert list(s.gen.Generate(req(p, "lora")).token_ids) == wl
             assert list(s.gen.Generate(req(p)).token_ids) == wb
         # One mixed batch: base and LoRA rows of both prompts admitted in the same step.
-        gate = threading.Event()
-        s.engine.call(lambda: gate.wait(30))
         cases = [(p, a) for p in PROMPTS for a in ("", "lora")]
-        futures = [s.gen.Generate.future(req(p, a)) for p, a in cases]
-        deadline = time.monotonic() + 30
-        while s.engine.num_waiting < len(cases) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
+        with Hold(s.engine):
+            futures = [s.gen.Generate.future(req(p, a)) for p, a in cases]
+            wait_until(lambda: s.engine.num_waiting == len(cases), f"{len(cases)} requests queued")
         got = [list(f.result(timeout=120).token_ids) for f in futures]
         assert got == [w for pair in zip(want_base, want_lora) for w in pair]

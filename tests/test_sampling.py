@@ -6,14 +6,12 @@ every request is queued, so all are admitted in the same step and share every fo
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 from peft import LoraConfig
 from peft_helpers import make_peft_adapter
 from safetensors.torch import load_file, save_file
@@ -53,16 +51,9 @@ def gen(prompt: list[int], n: int = 10, adapter: str = "", **kw: object) -> pb.G
 
 def one_batch(s: ServerThread, requests: list[pb.GenerateRequest]) -> list:
     """Send `requests` so that the engine admits them all in one step. Returns unary futures."""
-    gate = threading.Event()
-    s.engine.call(lambda: gate.wait(60))
-    try:
+    with Hold(s.engine):
         futures = [s.gen.Generate.future(r, timeout=120) for r in requests]
-        deadline = time.monotonic() + 60
-        while s.engine.num_waiting < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert s.engine.num_waiting == len(requests)
-    finally:
-        gate.set()
+        wait_until(lambda: s.engine.num_waiting == len(requests), f"{len(requests)} requests queued")
     return futures
 
 

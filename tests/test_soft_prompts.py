@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from peft_helpers import make_peft_adapter
 from safetensors.torch import save_file
@@ -280,8 +280,6 @@ def test_a_failing_request_does_not_fail_its_batch(store, tiny_llama_dir, refere
     The failure is real, not mocked: the installed soft prompt's embeddings are replaced by
     ones of the wrong width, so placing them into the batch's embeddings raises.
     """
-    import threading
-    import time
 
     import grpc
 
@@ -291,15 +289,11 @@ def test_a_failing_request_does_not_fail_its_batch(store, tiny_llama_dir, refere
         (sp,) = [p for p in s.server.wrapped.soft_prompts.values() if p.embeddings is not None]
         sp.embeddings = torch.zeros(sp.embeddings.shape[0], sp.embeddings.shape[1] + 1)
         # Hold the engine loop so that all four requests are admitted in one step, one batch.
-        gate = threading.Event()
-        s.engine.call(lambda: gate.wait(30))
         prompts = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
-        futures = [s.gen.Generate.future(req(p, 6)) for p in prompts]
-        broken = s.gen.Generate.future(req([5, 6, 7], 6, "prompt"))
-        deadline = time.monotonic() + 30
-        while s.engine.num_waiting < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
+        with Hold(s.engine):
+            futures = [s.gen.Generate.future(req(p, 6)) for p in prompts]
+            broken = s.gen.Generate.future(req([5, 6, 7], 6, "prompt"))
+            wait_until(lambda: s.engine.num_waiting == 4, "4 requests queued")
         with pytest.raises(grpc.RpcError) as e:
             broken.result(timeout=120)
         assert e.value.code() == grpc.StatusCode.INTERNAL

@@ -171,13 +171,14 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-                inbox, self._inbox = self._inbox, []
                 calls, self._calls = self._calls, []
             for fn, fut in calls:
                 try:
                     fut.set_result(fn())
                 except Exception as e:
                     fut.set_exception(e)
+            with self._cv:  # after the calls: what arrived while one ran is scheduled at this step
+                inbox, self._inbox = self._inbox, []
             for r in inbox:
                 self.scheduler.waiting.append(r)
             try:
