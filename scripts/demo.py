@@ -54,7 +54,8 @@ def write_demo_lora(root: Path, adapter_id: str, seed: int, rank: int = 8) -> No
 
 
 def start_server(store: Path) -> tuple[subprocess.Popen, str, str]:
-    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", "--metrics-port", "0", "--store", str(store)]
+    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+           "--store", str(store)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     grpc_addr = metrics_addr = ""
     deadline = time.monotonic() + 300

@@ -20,6 +20,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a chat template in its tokenizer (saved and loaded the real way)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("chat-llama")
+    shutil.copytree(tiny_llama_dir, d, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def reference_llama(tiny_llama_dir: Path):  # noqa: ANN201
     """The same tiny Llama, for plain transformers generation."""

@@ -22,6 +22,7 @@ class ServerThread:
         engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
         rest = {k: v for k, v in overrides.items() if k not in engine_fields}
         rest.setdefault("device", "cpu")
+        rest.setdefault("http_port", -1)  # the OpenAI-compatible API only where a test asks for it (http_port=0)
         self.config = ServerConfig(
             model=str(model), store=store or Path(tempfile.mkdtemp(prefix="loramux-store-")), port=0, metrics_port=0,
             engine=engine, **rest,

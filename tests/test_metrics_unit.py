@@ -47,6 +47,7 @@ EXPECTED: dict[str, tuple[str, frozenset[str]]] = {
     "loramux_adapter_requests_total": ("counter", frozenset({"adapter"})),
     "loramux_adapter_generated_tokens_total": ("counter", frozenset({"adapter"})),
     "loramux_merge_decisions_total": ("counter", frozenset({"action"})),
+    "loramux_frontend_requests_total": ("counter", frozenset({"frontend", "status"})),
     "loramux_info": ("gauge", frozenset({"version", "python"})),
 }
 

@@ -265,7 +265,8 @@ class ServeProcess:
         self.out, self.err = tmp / "stdout", tmp / "stderr"
         env = {**os.environ, "PYTHONPATH": str(REPO / "server")}
         cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(model), "--store", str(tmp / "store"),
-               "--port", "0", "--metrics-port", "0", "--device", "cpu", "--log-format", "json", *extra]
+               "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--log-format", "json",
+               *extra]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp)
         wait_for(lambda: self.proc.poll() is not None or self._addresses(), timeout=180, what="listening lines")

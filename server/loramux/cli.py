@@ -24,7 +24,9 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text from a running server")
     g.add_argument("--server", default="localhost:50051")
     g.add_argument("--adapter", default="", help="adapter id (empty = base model)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    g.add_argument("--system", default=None, help="with --chat: a system message before the user message")
     g.add_argument("--max-new-tokens", type=int, default=0)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=0.0)
@@ -91,7 +93,12 @@ def _generate(a: argparse.Namespace) -> int:
     )
     if a.seed is not None:
         params.seed = a.seed
-    req = pb.GenerateRequest(adapter_id=a.adapter, prompt=a.prompt, params=params)
+    if a.chat:
+        system = [pb.ChatMessage(role="system", content=a.system)] if a.system is not None else []
+        messages = [*system, pb.ChatMessage(role="user", content=a.prompt)]
+        req = pb.GenerateRequest(adapter_id=a.adapter, messages=messages, params=params)
+    else:
+        req = pb.GenerateRequest(adapter_id=a.adapter, prompt=a.prompt, params=params)
     with grpc.insecure_channel(a.server) as ch:
         stub = pb_grpc.GenerationStub(ch)
         try:

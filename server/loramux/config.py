@@ -72,6 +72,12 @@ class ServerConfig:
     log_format: str = _flag("text", choices=("text", "json"))
     log_prompts: bool = _flag(False, "include prompt text in request logs")
     metrics_max_adapter_labels: int = 20
+    http_port: int = _flag(8000, "OpenAI-compatible HTTP API port (0 = pick a free one, -1 = off)")
+    api_key_file: Path | None = _flag(None, "a file with the Bearer key the HTTP API requires (vLLM's --api-key)")
+    served_model_name: str = _flag("", "the base model's id over HTTP (default: the model directory's name)")
+    allowed_adapter_dir: Path | None = _flag(
+        None, "the directory /v1/load_lora_adapter may load from (unset: that endpoint is off)"
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
@@ -82,6 +88,12 @@ class ServerConfig:
         for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
             if not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in 0..65535, got {port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be in 0..65535, or -1 (off), got {self.http_port}")
+        if self.api_key_file is not None and not Path(self.api_key_file).is_file():
+            raise ValueError(f"--api-key-file {self.api_key_file} does not exist")
+        if self.allowed_adapter_dir is not None and not Path(self.allowed_adapter_dir).is_dir():
+            raise ValueError(f"--allowed-adapter-dir {self.allowed_adapter_dir} is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.log_format not in ("text", "json"):

@@ -41,6 +41,8 @@ STATUSES: tuple[str, ...] = ("ok", "cancelled", "deadline", "rejected", "error")
 # Why a request was refused at admission: the gRPC status code it got, lower case.
 REJECT_REASONS: tuple[str, ...] = ("invalid_argument", "not_found", "resource_exhausted", "unavailable")
 MERGE_ACTIONS: tuple[str, ...] = ("merge", "unmerge", "evict")
+# The APIs a request can come through.
+FRONTENDS: tuple[str, ...] = ("grpc", "http")
 
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
@@ -159,6 +161,9 @@ class Metrics:
         self.requests = counter(
             "loramux_requests", "Requests that ended, by final status (rejected = refused at admission).",
             ("status",))
+        self.frontend_requests = counter(
+            "loramux_frontend_requests", "Requests that ended, by the API they came through and final status.",
+            ("frontend", "status"))
         self.rejected = counter("loramux_requests_rejected", "Requests refused at admission, by gRPC status code.",
                                 ("reason",))
         self.prompt_tokens = counter("loramux_prompt_tokens", "Prompt tokens of finished requests.")
@@ -200,6 +205,8 @@ class Metrics:
             self.batch_size.labels(phase)
         for status in STATUSES:
             self.requests.labels(status)
+            for frontend in FRONTENDS:
+                self.frontend_requests.labels(frontend, status)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for action in MERGE_ACTIONS:
@@ -213,11 +220,14 @@ class Metrics:
     # ---- per request ---------------------------------------------------------
 
     def request_finished(self, status: str, prompt_tokens: int, generated_tokens: int, queue_s: float | None,
-                         ttft_s: float | None, total_s: float | None, adapter_id: str | None) -> None:
+                         ttft_s: float | None, total_s: float | None, adapter_id: str | None,
+                         frontend: str = "grpc") -> None:
         """Once per request that ended, whatever the status. A `None` time is not
         observed (e.g. no queue time for a request rejected before queueing, no
-        TTFT for one that produced no token). `adapter_id` empty/None = base model."""
+        TTFT for one that produced no token). `adapter_id` empty/None = base model.
+        `frontend` is the API the request came through (grpc, http)."""
         self.requests.labels(status).inc()
+        self.frontend_requests.labels(frontend, status).inc()
         if prompt_tokens > 0:
             self.prompt_tokens.inc(prompt_tokens)
         if queue_s is not None:
@@ -240,12 +250,13 @@ class Metrics:
             if generated_tokens > 0:
                 self.adapter_generated_tokens.labels(label).inc(generated_tokens)
 
-    def request_rejected(self, reason: str) -> None:
+    def request_rejected(self, reason: str, frontend: str = "grpc") -> None:
         """A request refused before it was queued (bad parameters, unknown adapter,
         queue full, draining): counted as status `rejected`, and by `reason` (the
         gRPC code). No tokens and no latencies: it never ran. Not attributed to
         its adapter, so a flood of unknown ids cannot win adapter labels."""
         self.requests.labels("rejected").inc()
+        self.frontend_requests.labels(frontend, "rejected").inc()
         self.rejected.labels(reason).inc()
 
     def token_latency(self, seconds: float) -> None:

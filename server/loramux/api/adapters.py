@@ -107,7 +107,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                 await loop.run_in_executor(None, session.write, msg.chunk)
             # Shielded: once the last byte is in, a cancelled call may still publish, and
             # the cache must then hear about it (_finish does both in one thread job).
-            record, info = await asyncio.shield(loop.run_in_executor(None, self._finish, session))
+            record, info = await asyncio.shield(loop.run_in_executor(None, self.finish_upload, session))
         except BaseException as e:  # a client gone away arrives as CancelledError
             abort = loop.run_in_executor(None, session.abort)  # waits for a write/finish in flight
             try:
@@ -149,7 +149,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAdapterResponse:
         await self._ready(context)
-        await self._call(context, self._delete, request.adapter_id)
+        await self._call(context, self.delete_adapter, request.adapter_id)
         log.info("adapter %s deleted", request.adapter_id)
         return pb.DeleteAdapterResponse()
 
@@ -194,7 +194,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     # ---- work done off the event loop ----------------------------------------
 
-    def _finish(self, session: UploadSession[StoredAdapter]) -> tuple[StoredAdapter, AdapterInfo]:
+    def finish_upload(self, session: UploadSession[StoredAdapter]) -> tuple[StoredAdapter, AdapterInfo]:
         """Executor thread: validate + publish, then drop every cached copy of the old weights."""
         seen: list[AdapterInfo] = []
 
@@ -223,7 +223,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             except Exception as e:  # the upload already succeeded; a failed re-pin is not its error
                 log.warning("adapter %s: could not re-pin after the overwrite: %s", adapter_id, e)
 
-    def _delete(self, adapter_id: str) -> None:
+    def delete_adapter(self, adapter_id: str) -> None:
         """Executor thread. Running requests keep their leases; release() evicts after the last one."""
         self.store.delete(adapter_id)
         self._forget_infos(adapter_id)

@@ -23,6 +23,8 @@ from loramux.api.auth import AdminAuth
 from loramux.api.generation import GenerationService
 from loramux.config import ServerConfig
 from loramux.engine.engine import Engine
+from loramux.http.app import HttpState, create_app, read_key
+from loramux.http.frontend import HttpFrontend
 from loramux.metrics import Metrics
 from loramux.model import BaseModel, load_base_model
 from loramux.v1 import loramux_pb2 as pb
@@ -51,6 +53,8 @@ class LoramuxServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.http: HttpFrontend | None = None
+        self.http_port = 0
         self.metrics: Metrics | None = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
@@ -82,6 +86,11 @@ class LoramuxServer:
             raise RuntimeError(f"could not bind {address}")
         await self.grpc.start()
         print(f"grpc listening on {cfg.host}:{self.port}", flush=True)
+        self.http_state = HttpState(read_key(cfg.api_key_file), self.adapters.auth, cfg.served_model_name)
+        if cfg.http_port >= 0:  # the OpenAI-compatible API, on this loop, over the same engine
+            self.http = HttpFrontend(create_app(self.http_state), cfg.host, cfg.http_port)
+            self.http_port = await self.http.start()
+            print(f"http listening on {cfg.host}:{self.http_port}", flush=True)
         self.metrics = Metrics(max_adapter_labels=cfg.metrics_max_adapter_labels)
         metrics_host = cfg.metrics_host or cfg.host
         _, self.metrics_port = self.metrics.start_http_server(metrics_host, cfg.metrics_port)
@@ -106,9 +115,11 @@ class LoramuxServer:
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
         # A model the engine cannot serve exactly is never served: this raises, and serve exits non-zero.
         await loop.run_in_executor(None, self.engine.self_check)
+        self.http_state.attach(self.engine, self.adapters, cfg.allowed_adapter_dir)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.http_state.serving = True
         b = self.base
         log.info("serving %s on %s (%s) at %s:%d", b.name, b.device, b.dtype, cfg.host, self.port)
 
@@ -159,6 +170,7 @@ class LoramuxServer:
         if self.engine is not None:
             self.engine.stop_admitting()
         self.adapters.draining = True
+        self.http_state.serving = False
         log.info("draining: no new requests; waiting up to %.0fs for running ones", timeout)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.engine is not None:
@@ -177,6 +189,8 @@ class LoramuxServer:
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
             return
+        if self.http is not None:
+            await self.http.stop(grace)
         if self.grpc is not None:
             await self.grpc.stop(grace)
         if self.engine is not None:

@@ -35,7 +35,7 @@ class ServerSettings:
     def argv(self) -> list[str]:
         return [
             "--model", self.model, "--store", str(self.store), "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0", "--device", self.device, "--dtype", self.dtype,
+            "--metrics-port", "0", "--http-port", "0", "--device", self.device, "--dtype", self.dtype,
             "--max-device-adapters", str(self.max_device_adapters), "--merged-cache-mb", str(self.merged_cache_mb),
             *self.extra_args,
         ]

@@ -318,13 +318,15 @@ class Engine:
             "queue_s": queue_s,
             "ttft_s": ttft,
             "total_s": end - r.arrival,
+            "frontend": r.frontend,
         }
         if prompts_logged():  # --log-prompts: decoded only then, so the default costs nothing
             record["prompt"] = self.base.tokenizer.decode(r.prompt_ids)
         log_request(record)
         if self.metrics is not None:
             self.metrics.request_finished(
-                status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None
+                status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None,
+                frontend=r.frontend,
             )
 
     def _gauges(self) -> None:

@@ -96,6 +96,7 @@ class Request:
     adapter_id: str = ""  # "" = base model
     return_logprobs: bool = False
     deadline: float | None = None  # time.monotonic() after which it is abandoned
+    frontend: str = "grpc"  # the API it came through (grpc, http): a metrics label and a log field
     # Called from the engine thread with each step's TokenEvent.
     sink: Callable[[TokenEvent], None] = lambda ev: None
 

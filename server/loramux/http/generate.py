@@ -1,0 +1,199 @@
+"""/v1/completions and /v1/chat/completions: admit every choice, then answer at once or as SSE.
+
+Every choice is one engine request, admitted through the same `admit` as gRPC (so the
+same validation, metrics and request logs, with `frontend=http`). Admission happens
+before the response starts, so a refused call gets its HTTP status even when it asked
+for a stream. A client that disconnects cancels every request of its call at once:
+a watcher waits for the ASGI `http.disconnect` message beside the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loramux.api.errors import NotFound, status_for
+from loramux.api.requests import admit, cancel, events
+from loramux.engine.engine import Engine
+from loramux.engine.request import Request, TokenEvent
+from loramux.http.convert import FINISH, Choice, Shapes
+from loramux.http.errors import HttpError, error_body
+from loramux.v1 import loramux_pb2 as pb
+
+log = logging.getLogger("loramux.http")
+FRONTEND = "http"
+DONE = "data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def cached_tokens(req: Request) -> int:
+    """Prompt tokens served from the prefix cache (0 where the engine does not report it)."""
+    return max(int(getattr(req, "cached_tokens", 0) or 0), 0)
+
+
+async def disconnected(http: HttpRequest) -> None:
+    """Returns when the client has gone away (the body was read already, so only that can arrive)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Generation:
+    """One call: its engine requests, their choices, and the response shapes."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, adapter_exists: Callable[[str], bool]) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.adapter_exists = adapter_exists
+
+    def admit_all(self, msgs: list[pb.GenerateRequest], model: str) -> list[tuple[Request, asyncio.Queue[TokenEvent]]]:
+        admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]] = []
+        try:
+            for m in msgs:
+                admitted.append(admit(self.engine, m, self.tokenizer, self.adapter_exists, None, FRONTEND))
+        except Exception as e:
+            for req, _ in admitted:
+                cancel(self.engine, req)
+            if isinstance(e, NotFound):
+                raise HttpError(grpc.StatusCode.NOT_FOUND, f"The model `{model}` does not exist.", "model") from e
+            raise
+        return admitted
+
+    async def respond(
+        self,
+        http: HttpRequest,
+        kind: str,
+        msgs: list[pb.GenerateRequest],
+        model: str,
+        n: int,
+        stream: bool,
+        include_usage: bool,
+        with_logprobs: bool,
+    ) -> Response:
+        admitted = self.admit_all(msgs, model)
+        shapes = Shapes(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model, self.tokenizer)
+        choices = [
+            Choice(index=k, prompt_index=k // n, prompt_tokens=req.prompt_len) for k, (req, _) in enumerate(admitted)
+        ]
+        if stream:
+            body = self._stream(http, admitted, choices, shapes, include_usage, with_logprobs)
+            return StreamingResponse(
+                body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
+        try:
+            await _unless_disconnected(http, self._collect(admitted, choices))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the requests are cancelled
+        except BaseException:
+            for req, _ in admitted:
+                cancel(self.engine, req)
+            raise
+        return JSONResponse(shapes.response(choices, with_logprobs))
+
+    async def _collect(self, admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]], choices: list[Choice]) -> None:
+        async def follow(c: Choice, req: Request, queue: asyncio.Queue[TokenEvent]) -> None:
+            async with aclosing(events(self.engine, req, queue)) as stream:
+                async for ev in stream:
+                    _add(c, ev)
+            c.cached_tokens = cached_tokens(req)
+
+        await asyncio.gather(*(follow(c, req, q) for c, (req, q) in zip(choices, admitted)))
+
+    async def _stream(
+        self,
+        http: HttpRequest,
+        admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]],
+        choices: list[Choice],
+        shapes: Shapes,
+        include_usage: bool,
+        with_logprobs: bool,
+    ) -> AsyncIterator[str]:
+        merged: asyncio.Queue[tuple[int, TokenEvent | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(k: int, req: Request, queue: asyncio.Queue[TokenEvent]) -> None:
+            try:
+                async with aclosing(events(self.engine, req, queue)) as stream:
+                    async for ev in stream:
+                        merged.put_nowait((k, ev, None))
+            except Exception as e:
+                merged.put_nowait((k, None, e))
+
+        tasks = [asyncio.ensure_future(pump(k, req, q)) for k, (req, q) in enumerate(admitted)]
+        watch = asyncio.ensure_future(disconnected(http))
+        watch.add_done_callback(lambda f: f.cancelled() or [t.cancel() for t in tasks])
+        try:
+            if shapes.kind == "chat":
+                for c in choices:
+                    yield sse(shapes.chunk(c.index, "", None, None, include_usage, first=True))
+            left = len(tasks)
+            while left:
+                k, ev, err = await merged.get()
+                if err is not None:
+                    code = status_for(err)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.error("request %s failed: %r", admitted[k][0].request_id, err)
+                    yield sse(error_body(str(err), code))
+                    return
+                c = choices[k]
+                offset = sum(len(t) for t in c.text)
+                _add(c, ev)
+                if ev.final:
+                    left -= 1
+                    c.cached_tokens = cached_tokens(admitted[k][0])
+                if ev.text or ev.final or (with_logprobs and ev.token_ids):
+                    lp = shapes.logprobs(ev.token_ids, ev.logprobs, offset) if with_logprobs else None
+                    yield sse(shapes.chunk(k, ev.text, c.finish_reason, lp, include_usage))
+            if include_usage:
+                yield sse(shapes.usage_chunk(choices))
+            yield DONE
+        finally:
+            watch.cancel()
+            for t in tasks:
+                t.cancel()
+            for req, _ in admitted:
+                if not req.finish_reason:
+                    cancel(self.engine, req)
+
+
+def _add(c: Choice, ev: TokenEvent) -> None:
+    c.text.append(ev.text)
+    c.token_ids.extend(ev.token_ids)
+    c.logprobs.extend(ev.logprobs)
+    if ev.final:
+        c.finish_reason = FINISH.get(ev.finish_reason)
+
+
+async def _unless_disconnected(http: HttpRequest, work: Awaitable[None]) -> None:
+    """Await `work`; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected(http))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        task.result()
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone
