@@ -9,8 +9,10 @@ the API key).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
+from loramux.api.errors import status_for
 from loramux.engine.engine import Engine
 from loramux.http.convert import chat_requests, completion_requests
 from loramux.http.errors import HttpError, error_body, error_response, validation_message
@@ -36,6 +39,7 @@ from loramux.http.schemas import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("loramux.http")
 
 
 class HttpState:
@@ -81,6 +85,23 @@ def _bearer(http: HttpRequest) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
+def answers_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A route that answers any exception with OpenAI's error body and its status (and logs INTERNAL ones).
+
+    Starlette's catch-all handler would answer too, but then re-raise and drop the connection."""
+
+    @functools.wraps(fn)
+    async def route(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as e:
+            if not isinstance(e, HttpError) and status_for(e) == grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %r", fn.__name__, e, exc_info=e)
+            return error_response(e)
+
+    return route
+
+
 def create_app(state: HttpState) -> FastAPI:
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -123,10 +144,6 @@ def create_app(state: HttpState) -> FastAPI:
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": exc.status_code}}
         return JSONResponse(body, status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _any(_: HttpRequest, exc: Exception) -> JSONResponse:
-        return error_response(exc)
-
     @app.get("/health")
     async def health() -> Response:
         if state.engine is None or not state.serving:
@@ -134,11 +151,13 @@ def create_app(state: HttpState) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/v1/models", dependencies=[Depends(api_key)])
+    @answers_errors
     async def models() -> dict:
         ready()
         return {"object": "list", "data": await in_executor(_model_cards, state)}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(api_key)])
+    @answers_errors
     async def model(model: str) -> dict:
         ready()
         for card in await in_executor(_model_cards, state):
@@ -147,6 +166,7 @@ def create_app(state: HttpState) -> FastAPI:
         raise HttpError(grpc.StatusCode.NOT_FOUND, f"The model `{model}` does not exist.", "model")
 
     @app.post("/v1/completions", dependencies=[Depends(api_key)])
+    @answers_errors
     async def completions(body: CompletionRequest, http: HttpRequest) -> Response:
         ready()
         msgs = completion_requests(body, state.adapter_for(body.model), "cmpl")
@@ -155,6 +175,7 @@ def create_app(state: HttpState) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api_key)])
+    @answers_errors
     async def chat(body: ChatCompletionRequest, http: HttpRequest) -> Response:
         ready()
         msgs = chat_requests(body, state.adapter_for(body.model), "chatcmpl")
@@ -163,6 +184,7 @@ def create_app(state: HttpState) -> FastAPI:
         )
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
+    @answers_errors
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> Response:
         ready()
         if state.adapters.draining:
@@ -173,6 +195,7 @@ def create_app(state: HttpState) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
+    @answers_errors
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> Response:
         ready()
         await in_executor(state.loader.unload, body.lora_name)

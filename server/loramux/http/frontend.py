@@ -73,7 +73,8 @@ class HttpFrontend:
         """Stop accepting; let responses in flight finish for up to `grace` seconds, then cut them."""
         if self._server is None or self._task is None:
             return
-        self._server.config.timeout_graceful_shutdown = grace if grace is not None else 0
+        # At least a moment, even for grace 0: uvicorn's wait for its sockets to close shares this timeout.
+        self._server.config.timeout_graceful_shutdown = max(grace or 0.0, 1.0)
         self._server.should_exit = True
         try:
             await self._task

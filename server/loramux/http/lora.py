@@ -31,10 +31,12 @@ class LoraLoader:
         self.root = Path(allowed_dir).resolve(strict=True) if allowed_dir is not None else None
 
     def confined(self, path: Path) -> Path:
-        """`path` with every symlink resolved, if it lies under the allowed directory."""
+        """`path` with every symlink resolved, if it lies under the allowed directory and exists.
+
+        Confinement is checked before existence, so nothing outside says whether it exists."""
         try:
-            real = path.resolve(strict=True)
-        except (OSError, RuntimeError) as e:  # missing, or a symlink loop
+            real = path.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
             raise HttpError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"lora_path {str(path)!r} cannot be read: {e}", "lora_path"
             ) from None
@@ -43,6 +45,10 @@ class LoraLoader:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"lora_path {str(path)!r} is outside the allowed adapter directory",
                 "lora_path",
+            )
+        if not real.exists():
+            raise HttpError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"lora_path {str(path)!r} cannot be read: no such file", "lora_path"
             )
         return real
 
