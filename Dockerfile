@@ -50,8 +50,9 @@ USER 10001:10001
 # above, owned by the user, so a fresh named volume inherits that ownership.
 VOLUME /app/adapters_store
 
-# 50051: gRPC (Generation, Adapters, health, reflection); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (Generation, Adapters, health, reflection); 9090: Prometheus /metrics;
+# 8000: the OpenAI-compatible HTTP API.
+EXPOSE 50051 9090 8000
 
 # Asks the standard grpc.health.v1 service, as an orchestrator would; any error
 # (not listening yet, NOT_SERVING while draining on SIGTERM) exits non-zero.
@@ -60,4 +61,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; ch = grpc.insecure_channel('127.0.0.1:50051'); r = rpc.HealthStub(ch).Check(pb.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == pb.HealthCheckResponse.SERVING else 1)"]
 
 ENTRYPOINT ["loramux"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--store", "/app/adapters_store"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--http-port", "8000", "--store", "/app/adapters_store"]

@@ -101,13 +101,13 @@ def test_runtime_contract() -> None:
     users = [a for w, a in final if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     exposed = {p for w, a in final if w == "EXPOSE" for p in a.split()}
-    assert {"50051", "9090"} <= exposed
+    assert {"50051", "9090", "8000"} <= exposed
     assert ("VOLUME", "/app/adapters_store") in final
     assert json.loads(dict(final)["ENTRYPOINT"]) == ["loramux"]
     cmd = json.loads(dict(final)["CMD"])
     assert cmd[0] == "serve"
     flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
-    assert flags == {"--host": "0.0.0.0", "--port": "50051", "--metrics-port": "9090",
+    assert flags == {"--host": "0.0.0.0", "--port": "50051", "--metrics-port": "9090", "--http-port": "8000",
                      "--store": "/app/adapters_store"}
 
 

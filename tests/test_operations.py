@@ -351,6 +351,10 @@ def test_sigterm_drains_a_300_token_stream_and_exits_0(serve_process: Callable[.
 def test_sigint_on_an_idle_server_exits_0(serve_process: Callable[..., ServeProcess]) -> None:
     p = serve_process()
     wait_for(lambda: _try(lambda: health(p.channel)) == SERVING, timeout=180, what="SERVING")
+    http = re.search(r"^http listening on \S+:(\d+)$", p.out.read_text(), re.M)
+    assert http, "the OpenAI-compatible API prints where it listens"
+    with urllib.request.urlopen(f"http://127.0.0.1:{http.group(1)}/health", timeout=10) as resp:
+        assert resp.status == 200  # and the signal below still reaches loramux's drain, not uvicorn's
     p.proc.send_signal(signal.SIGINT)
     assert p.proc.wait(timeout=60) == 0
     assert "Traceback" not in p.err.read_text()
