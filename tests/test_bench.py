@@ -25,6 +25,7 @@ EXPECTED = {
     "kinds": {"kinds-base", "lora+bottleneck", "lora+soft-prompt", "dora+ia3"},
     "scale": {"scale-base", "scale-n2", "scale-n12"},
     "sampling": {"mixed-greedy", "mixed-sampled", "mixed-penalties", "single-loramux", "single-hf"},
+    "http": {"grpc-stream", "http-stream"},
 }
 # Parts of the server that other work may not have landed yet; the bench reports them as unavailable.
 MAY_BE_UNAVAILABLE = {"single-merged", "hot80-merged", "lora+soft-prompt", "lora+bottleneck"}
@@ -58,6 +59,9 @@ def test_json_has_every_config_with_sane_numbers(bench_out):
     assert ratios["12 adapters / 2 adapters"]["value"] > 0
     assert ratios["sampled / greedy throughput"]["value"] > 0 and ratios["penalties / greedy throughput"]["value"] > 0
     assert result["suites"]["sampling"]["configs"]["mixed-penalties"]["summary"]["tokens"] > 0
+    assert ratios["HTTP streaming / gRPC streaming"]["value"] > 0  # both APIs ran the same requests
+    http = result["suites"]["http"]["configs"]
+    assert http["http-stream"]["summary"]["tokens"] == http["grpc-stream"]["summary"]["tokens"]
     loads = result["suites"]["scale"]["adapter_load_seconds"]
     assert loads["count"] > 0  # 12 adapters over 4 device slots: some had to be loaded
 

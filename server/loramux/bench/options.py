@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUITES = ("mixed", "hot", "kinds", "scale", "sampling")
+SUITES = ("mixed", "hot", "kinds", "scale", "sampling", "http")
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

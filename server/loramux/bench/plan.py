@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from loramux.bench.client import run_requests
 from loramux.bench.environment import Environment
+from loramux.bench.http_client import run_http_requests
 from loramux.bench.prom import counter_delta, histogram_delta
 from loramux.bench.result import RunResult
 from loramux.bench.suite import Config, Ratio, Suite
@@ -19,7 +20,7 @@ MERGED_COUNTER = "loramux_merged_batches"
 
 
 def build_suites(env: Environment) -> list[Suite]:
-    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale, "sampling": _sampling}
+    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale, "sampling": _sampling, "http": _http}
     return [builders[name](env) for name in env.opts.suites]
 
 
@@ -40,18 +41,24 @@ def _warm_requests(reqs: list[BenchRequest], slots: int) -> list[BenchRequest]:
 
 
 def _served(env: Environment, name: str, target: LoramuxTarget | None, spec: WorkloadSpec, description: str,
-            merged: bool = False, warm_full: bool = False) -> Config:
-    """A configuration that sends `spec`'s requests to a loramux server."""
-    if target is None:
+            merged: bool = False, warm_full: bool = False, http: bool = False) -> Config:
+    """A configuration that sends `spec`'s requests to a loramux server (streamed, over gRPC or HTTP)."""
+    if target is None or (http and not target.http_url):
+        why = "no HTTP API address (a running server was given with --server)" if target is not None else \
+            f"no merged-cache server: {env.merged_note or 'not started'}"
+
         def missing() -> RunResult:
-            raise RuntimeError(f"no merged-cache server: {env.merged_note or 'not started'}")
+            raise RuntimeError(why)
         return Config(name, description, missing, warm=missing, workload=spec.describe(), target="-")
     reqs = make_requests(spec)
     arrivals = arrival_times(spec)
 
     def run(batch: list[BenchRequest] = reqs, times: list[float] | None = arrivals) -> RunResult:
         before = target.metrics_text()
-        res = run_requests(target.address, name, batch, spec.clients, times)
+        if http:
+            res = run_http_requests(target.http_url, name, batch, spec.clients, times)
+        else:
+            res = run_requests(target.address, name, batch, spec.clients, times)
         after = target.metrics_text()
         loads = histogram_delta(before, after, LOAD_HISTOGRAM)
         res.extra = {"merged_batches": counter_delta(before, after, MERGED_COUNTER),
@@ -212,3 +219,18 @@ def _sampling(env: Environment) -> Suite:
     ]  # fmt: skip
     title = f"{o.requests} requests over {len(env.groups['mix'])} adapters, greedy / sampled / penalties; one stream"
     return Suite("sampling", title, configs, ratios)
+
+
+def _http(env: Environment) -> Suite:
+    """The mixed workload streamed over the OpenAI-compatible API and over gRPC, to the same server."""
+    o, a = env.opts, env.server
+    mix = _spec(env, adapters=env.groups["mix"], popularity=o.popularity)
+    k = len(env.groups["mix"])
+    configs = [
+        _served(env, "grpc-stream", a, mix, f"gRPC GenerateStream, {k} LoRA r{o.rank}, one mixed batch"),
+        _served(env, "http-stream", a, mix, "HTTP /v1/completions SSE, the same requests", http=True),
+    ]
+    ratios = [Ratio("HTTP streaming / gRPC streaming", "http-stream", "grpc-stream", goal=0.9, floor=0.9,
+                    issues=(17,))]
+    title = f"the mixed workload ({o.requests} requests, {o.clients} clients) over both APIs of one server"
+    return Suite("http", title, configs, ratios)

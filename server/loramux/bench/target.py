@@ -18,7 +18,7 @@ import grpc
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
-_LISTEN = re.compile(r"^(grpc|metrics) listening on (\S+):(\d+)\s*$")
+_LISTEN = re.compile(r"^(grpc|metrics|http) listening on (\S+):(\d+)\s*$")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class LoramuxTarget:
         self.spawn = spawn
         self.address = address or ""
         self.metrics_url = metrics_url
+        self.http_url: str | None = None  # the OpenAI-compatible API's base URL, where the bench started the server
         self.log_path = log_path
         self._proc: subprocess.Popen | None = None
         self._thread_server = None
@@ -83,7 +84,7 @@ class LoramuxTarget:
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         found: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
-        while len(found) < 2:
+        while not {"grpc", "metrics"} <= found.keys():  # the http line comes before the metrics line
             line = self._proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"server {self.name} exited with {self._proc.wait()} (see {self.log_path})")
@@ -94,6 +95,7 @@ class LoramuxTarget:
                 raise TimeoutError(f"server {self.name} did not start in {timeout_s:.0f}s")
         self.address = found["grpc"]
         self.metrics_url = f"http://{found['metrics']}/metrics"
+        self.http_url = f"http://{found['http']}" if "http" in found else None
         # Keep draining stdout, so a chatty server never blocks on a full pipe.
         threading.Thread(target=self._proc.stdout.read, daemon=True).start()
 
@@ -103,7 +105,7 @@ class LoramuxTarget:
 
         s = self.settings
         config = ServerConfig(
-            model=s.model, store=s.store, port=0, metrics_port=0, device=s.device, dtype=s.dtype,
+            model=s.model, store=s.store, port=0, metrics_port=0, http_port=0, device=s.device, dtype=s.dtype,
             engine=EngineConfig(max_device_adapters=s.max_device_adapters, merged_cache_mb=s.merged_cache_mb),
         )
         server = LoramuxServer(config)
@@ -134,6 +136,7 @@ class LoramuxTarget:
         self._thread_server = server
         self.address = f"127.0.0.1:{server.port}"
         self.metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        self.http_url = f"http://127.0.0.1:{server.http_port}"
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
