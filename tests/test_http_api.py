@@ -150,7 +150,7 @@ def test_sampling_parameters_reach_the_engine(server, oai) -> None:
 def test_http_requests_are_counted_and_logged_with_their_frontend(server, oai, caplog) -> None:
     before = scrape(server)
     caplog.set_level("INFO", logger="loramux.request")
-    oai.completions.create(model=SERVED, prompt="count me", max_tokens=2, temperature=0)
+    got = oai.completions.create(model=SERVED, prompt="count me", max_tokens=2, temperature=0)
     server.gen.Generate(pb.GenerateRequest(prompt="count me too", params=pb.SamplingParams(max_new_tokens=2)))
     after = scrape(server)
 
@@ -163,3 +163,5 @@ def test_http_requests_are_counted_and_logged_with_their_frontend(server, oai, c
     assert after.get("loramux_requests_total", status="ok") - before.get("loramux_requests_total", status="ok") == 2
     fields = [getattr(r, "loramux_fields", {}) for r in caplog.records]
     assert {f.get("frontend") for f in fields if f.get("status") == "ok"} == {"http", "grpc"}
+    (line,) = [f for f in fields if f.get("frontend") == "http"]
+    assert line["request_id"] == f"{got.id}-0" and got.id.startswith("cmpl-")  # the call's id, choice 0

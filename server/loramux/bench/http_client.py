@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from loramux.bench.result import RunResult
@@ -21,6 +22,7 @@ def run_http_requests(
     timeout_s: float = 600.0,
 ) -> RunResult:
     """Send `requests` (closed loop of `clients`, or open loop at `arrivals`) and time every event."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request in the bench's log
     return asyncio.run(_run(base_url, config, requests, clients, arrivals, timeout_s))
 
 

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,18 +170,21 @@ def create_app(state: HttpState) -> FastAPI:
     @answers_errors
     async def completions(body: CompletionRequest, http: HttpRequest) -> Response:
         ready()
-        msgs = completion_requests(body, state.adapter_for(body.model), "cmpl")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        msgs = completion_requests(body, state.adapter_for(body.model), rid)
         return await state.generation.respond(
-            http, "completion", msgs, body.model, body.n, body.stream, body.include_usage, body.logprobs is not None
-        )
+            http, "completion", rid, msgs, body.model, body.n, body.stream, body.include_usage,
+            body.logprobs is not None,
+        )  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api_key)])
     @answers_errors
     async def chat(body: ChatCompletionRequest, http: HttpRequest) -> Response:
         ready()
-        msgs = chat_requests(body, state.adapter_for(body.model), "chatcmpl")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        msgs = chat_requests(body, state.adapter_for(body.model), rid)
         return await state.generation.respond(
-            http, "chat", msgs, body.model, body.n, body.stream, body.include_usage, body.logprobs
+            http, "chat", rid, msgs, body.model, body.n, body.stream, body.include_usage, body.logprobs
         )
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])

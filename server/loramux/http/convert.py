@@ -76,6 +76,7 @@ class Choice:
     index: int
     prompt_index: int
     text: list[str] = field(default_factory=list)
+    chars: int = 0  # characters of text so far (where the next token's text_offset starts)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None

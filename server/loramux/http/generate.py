@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -80,6 +79,7 @@ class Generation:
         self,
         http: HttpRequest,
         kind: str,
+        request_id: str,
         msgs: list[pb.GenerateRequest],
         model: str,
         n: int,
@@ -88,7 +88,7 @@ class Generation:
         with_logprobs: bool,
     ) -> Response:
         admitted = self.admit_all(msgs, model)
-        shapes = Shapes(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model, self.tokenizer)
+        shapes = Shapes(kind, request_id, model, self.tokenizer)
         choices = [
             Choice(index=k, prompt_index=k // n, prompt_tokens=req.prompt_len) for k, (req, _) in enumerate(admitted)
         ]
@@ -125,6 +125,46 @@ class Generation:
         include_usage: bool,
         with_logprobs: bool,
     ) -> AsyncIterator[str]:
+        watch = asyncio.ensure_future(disconnected(http))
+        watch.add_done_callback(lambda f: f.cancelled() or [cancel(self.engine, r) for r, _ in admitted])
+        try:
+            if shapes.kind == "chat":
+                for c in choices:
+                    yield sse(shapes.chunk(c.index, "", None, None, include_usage, first=True))
+            async with aclosing(self._merged(admitted)) as stream:
+                async for k, ev in stream:
+                    c = choices[k]
+                    offset = c.chars
+                    _add(c, ev)
+                    if ev.final:
+                        c.cached_tokens = cached_tokens(admitted[k][0])
+                    if ev.text or ev.final or (with_logprobs and ev.token_ids):
+                        lp = shapes.logprobs(ev.token_ids, ev.logprobs, offset) if with_logprobs else None
+                        yield sse(shapes.chunk(k, ev.text, c.finish_reason, lp, include_usage))
+            if include_usage:
+                yield sse(shapes.usage_chunk(choices))
+            yield DONE
+        except Exception as e:  # the response has started: the error goes out as an event
+            code = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("request %s failed: %r", shapes.id, e)
+            yield sse(error_body(str(e), code))
+        finally:
+            watch.cancel()
+            for req, _ in admitted:
+                if not req.finish_reason:
+                    cancel(self.engine, req)
+
+    async def _merged(
+        self, admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]]
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice, event) of every request of the call, as they come; raises the first failure."""
+        if len(admitted) == 1:  # the common case, without a task and a second queue per event
+            req, queue = admitted[0]
+            async with aclosing(events(self.engine, req, queue)) as stream:
+                async for ev in stream:
+                    yield 0, ev
+            return
         merged: asyncio.Queue[tuple[int, TokenEvent | None, BaseException | None]] = asyncio.Queue()
 
         async def pump(k: int, req: Request, queue: asyncio.Queue[TokenEvent]) -> None:
@@ -136,44 +176,23 @@ class Generation:
                 merged.put_nowait((k, None, e))
 
         tasks = [asyncio.ensure_future(pump(k, req, q)) for k, (req, q) in enumerate(admitted)]
-        watch = asyncio.ensure_future(disconnected(http))
-        watch.add_done_callback(lambda f: f.cancelled() or [t.cancel() for t in tasks])
         try:
-            if shapes.kind == "chat":
-                for c in choices:
-                    yield sse(shapes.chunk(c.index, "", None, None, include_usage, first=True))
             left = len(tasks)
             while left:
                 k, ev, err = await merged.get()
                 if err is not None:
-                    code = status_for(err)
-                    if code == grpc.StatusCode.INTERNAL:
-                        log.error("request %s failed: %r", admitted[k][0].request_id, err)
-                    yield sse(error_body(str(err), code))
-                    return
-                c = choices[k]
-                offset = sum(len(t) for t in c.text)
-                _add(c, ev)
+                    raise err
+                yield k, ev
                 if ev.final:
                     left -= 1
-                    c.cached_tokens = cached_tokens(admitted[k][0])
-                if ev.text or ev.final or (with_logprobs and ev.token_ids):
-                    lp = shapes.logprobs(ev.token_ids, ev.logprobs, offset) if with_logprobs else None
-                    yield sse(shapes.chunk(k, ev.text, c.finish_reason, lp, include_usage))
-            if include_usage:
-                yield sse(shapes.usage_chunk(choices))
-            yield DONE
         finally:
-            watch.cancel()
             for t in tasks:
                 t.cancel()
-            for req, _ in admitted:
-                if not req.finish_reason:
-                    cancel(self.engine, req)
 
 
 def _add(c: Choice, ev: TokenEvent) -> None:
     c.text.append(ev.text)
+    c.chars += len(ev.text)
     c.token_ids.extend(ev.token_ids)
     c.logprobs.extend(ev.logprobs)
     if ev.final:
