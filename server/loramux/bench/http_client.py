@@ -36,7 +36,9 @@ async def _run(
     concurrent = len(requests) if arrivals is not None else min(clients, len(requests))
     limits = httpx.Limits(max_connections=max(concurrent, 1), max_keepalive_connections=max(concurrent, 1))
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as http:
-        base = await _base_model(http)  # also opens a connection before the clock starts
+        base = await _base_model(http)
+        # Every connection the run needs is opened before the clock starts, as the gRPC client's channel is.
+        await asyncio.gather(*(http.get("/health") for _ in range(concurrent)))
         start = time.perf_counter()
         if arrivals is None:
             queue = list(reversed(requests))
