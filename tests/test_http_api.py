@@ -147,6 +147,38 @@ def test_sampling_parameters_reach_the_engine(server, oai) -> None:
         assert s.choices[0].text == want.text[: want.text.index(stop)] and s.choices[0].finish_reason == "stop"
 
 
+PENALTIES = {"presence_penalty": 1.5, "frequency_penalty": 2.0}
+
+
+def test_seeded_penalties_and_min_p_give_the_grpc_tokens(server, oai) -> None:
+    """presence/frequency penalties, min_p, top_k and repetition_penalty reach the sampler: a seeded call's
+    tokens (and their log-probabilities) are the gRPC request's with the same values, and differ without them."""
+    extra = {"min_p": 0.05, "top_k": 40, "repetition_penalty": 1.2}
+    params = {"temperature": 0.9, "seed": 11, **PENALTIES, **extra}
+    want = grpc_answer(server, "a", 12, prompt_token_ids=[5, 6, 7, 5, 6, 7], params=params)
+    got = oai.completions.create(model="a", prompt=[5, 6, 7, 5, 6, 7], max_tokens=12, temperature=0.9, seed=11,
+                                 logprobs=0, extra_body={**extra, "ignore_eos": True}, **PENALTIES)  # fmt: skip
+    tok = server.engine.base.tokenizer
+    assert got.choices[0].logprobs.tokens == [tok.decode([t]) for t in want.token_ids]
+    assert got.choices[0].logprobs.token_logprobs == pytest.approx(list(want.logprobs))
+    assert got.choices[0].text == want.text
+    plain = grpc_answer(server, "a", 12, prompt_token_ids=[5, 6, 7, 5, 6, 7], params={"temperature": 0.9, "seed": 11})
+    assert list(plain.token_ids) != list(want.token_ids)  # the penalties changed the draw
+
+
+def test_penalties_apply_to_greedy_chat(server, oai) -> None:
+    """Greedy requests get the penalties too (vLLM's order): chat with penalties equals gRPC with them."""
+    msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES]
+    want = grpc_answer(server, "", 10, messages=msgs, params=PENALTIES)
+    plain = grpc_answer(server, "", 10, messages=msgs)
+    assert list(want.token_ids) != list(plain.token_ids)
+    got = oai.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=10, **GREEDY, **PENALTIES)
+    assert got.choices[0].message.content == want.text
+    streamed = oai.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=10, stream=True, **GREEDY,
+                                           **PENALTIES)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want.text
+
+
 def test_http_requests_are_counted_and_logged_with_their_frontend(server, oai, caplog) -> None:
     before = scrape(server)
     caplog.set_level("INFO", logger="loramux.request")

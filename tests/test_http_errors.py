@@ -1,6 +1,6 @@
 """The HTTP API's refusals (OpenAI's error body and status), its keys, vLLM's adapter loading from an
-allowed directory, and what a disconnecting client frees. The engine is held with a gate where a test
-needs requests to wait, never with sleeps."""
+allowed directory, and what a disconnecting client frees. The engine is held with `harness.Hold` where
+a test needs requests to wait, never with sleeps."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import asyncio
 import os
 import shutil
 import socket
-import threading
 
 import httpx
 import openai
 import pytest
+from harness import Hold
 from http_helpers import ADMIN_TOKEN, API_KEY, SERVED, base_url, client, http_server, scrape
 from test_operations import wait_for
 
@@ -48,34 +48,48 @@ def assert_openai_error(r: httpx.Response, status: int, words: str) -> dict:
     return err
 
 
-class Gate:
-    """Holds the engine thread between two steps until released."""
-
-    def __init__(self, server) -> None:  # noqa: ANN001
-        self.event, self.held = threading.Event(), threading.Event()
-        server.engine.call(lambda: (self.held.set(), self.event.wait(120)))
-        assert self.held.wait(60)
-
-    def release(self) -> None:
-        self.event.set()
-
-
 @pytest.mark.parametrize("body, words, param", [
-    ({"temperature": -1}, "temperature", None),
-    ({"top_p": 2}, "top_p", None),
+    ({"temperature": -1}, "temperature must be", "temperature"),
+    ({"top_p": 2}, "top_p must be in (0, 1]", "top_p"),
+    ({"top_p": 0}, "top_p must be in (0, 1], got 0", "top_p"),  # not "unset", as 0 is in the contract
     ({"n": 0}, "n:", "n"),
-    ({"max_tokens": 100000}, "exceeds the model's context", None),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias is not supported", None),
+    ({"max_tokens": 100000}, "exceeds the model's context", "max_tokens"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias is not supported", "logit_bias"),
     ({"logprobs": 2}, "alternative tokens are not supported", None),
-    ({"prompt": [999999]}, "out of the vocabulary", None),
-    ({"prompt": ""}, "prompt is empty", None),
+    ({"prompt": [999999]}, "out of the vocabulary", "prompt"),
+    ({"prompt": ""}, "prompt is empty", "prompt"),
     ({"top_k": -5}, "top_k", "top_k"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5", "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3", "frequency_penalty"),
+    ({"min_p": 1.5}, "min_p must be in [0, 1] (0 = off), got 1.5", "min_p"),
+    ({"min_p": -0.1}, "min_p must be in [0, 1]", "min_p"),
+    ({"repetition_penalty": -1}, "repetition_penalty must be a finite number > 0", "repetition_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be > 0", "repetition_penalty"),
 ])  # fmt: skip
 def test_bad_parameters_are_400(server, body: dict, words: str, param: str | None) -> None:
     err = assert_openai_error(post(server, "/v1/completions", {"model": SERVED, "prompt": "x", **body}), 400, words)
     assert err["type"] == "BadRequestError"
-    if param:
-        assert err["param"] == param
+    assert err["param"] == param
+
+
+def test_nan_is_refused_not_taken_as_off(server) -> None:
+    for name in ("min_p", "presence_penalty", "temperature"):
+        raw = f'{{"model": "{SERVED}", "prompt": "x", "max_tokens": 2, "{name}": NaN}}'
+        r = httpx.post(base_url(server) + "/v1/completions", content=raw, timeout=120,
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})  # fmt: skip
+        assert assert_openai_error(r, 400, f"{name} must be")["param"] == name
+
+
+def test_bad_penalties_are_bad_request_errors_in_the_client(oai) -> None:
+    """The official client raises BadRequestError for values the gRPC API refuses too (one validation)."""
+    for extra in ({"min_p": 2.0}, {"repetition_penalty": -0.5}):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model=SERVED, prompt="x", max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == next(iter(extra))
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                    presence_penalty=-2.01)  # fmt: skip
+    assert e.value.body["param"] == "presence_penalty" and "presence_penalty must be in [-2, 2]" in e.value.message
 
 
 def test_the_client_sees_openai_exceptions(server, oai) -> None:
@@ -110,7 +124,7 @@ def test_the_api_key_is_enforced(server) -> None:
 
 
 def test_queue_full_is_429(server, oai) -> None:
-    gate = Gate(server)
+    gate = Hold(server.engine)
     try:
         req = pb.GenerateRequest(prompt="fill", params=pb.SamplingParams(max_new_tokens=1))
         fillers = [server.gen.Generate.future(req, timeout=120) for _ in range(MAX_QUEUE)]
@@ -140,7 +154,7 @@ def test_a_closed_stream_frees_its_request(server) -> None:
 
 def test_a_disconnected_unary_call_frees_its_request(server) -> None:
     before = cancelled(server)
-    gate = Gate(server)
+    gate = Hold(server.engine)
     try:
         payload = b'{"model": "tiny-chat", "prompt": "bye", "max_tokens": 4, "temperature": 0}'
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -170,8 +184,11 @@ def test_load_lora_adapter_from_the_allowed_dir(server, oai, made) -> None:
     assert "b2" in {m.id for m in oai.models.list().data}
     got = oai.completions.create(model="b2", prompt=[10, 11, 12], max_tokens=6, temperature=0,
                                  extra_body={"ignore_eos": True})  # fmt: skip
-    want = server.gen.Generate(pb.GenerateRequest(adapter_id="b2", prompt_token_ids=[10, 11, 12],
-                                                  params=pb.SamplingParams(max_new_tokens=6, ignore_eos=True)))
+    want = server.gen.Generate(
+        pb.GenerateRequest(
+            adapter_id="b2", prompt_token_ids=[10, 11, 12], params=pb.SamplingParams(max_new_tokens=6, ignore_eos=True)
+        )
+    )
     assert list(want.token_ids) == made["b"].greedy(6, [10, 11, 12])  # PEFT's tokens
     assert got.choices[0].text == want.text
     assert_openai_error(load(server, "b2", str(allowed / "b-dir")), 400, "already exists")
@@ -210,7 +227,7 @@ def test_a_bad_adapter_gets_the_upload_checks(server, made) -> None:
 
 def test_draining_is_503(tiny_llama_dir, tmp_path) -> None:
     with http_server(tiny_llama_dir, tmp_path, {}) as s:
-        gate = Gate(s)
+        gate = Hold(s.engine)
         running = s.gen.Generate.future(pb.GenerateRequest(prompt="x", params=pb.SamplingParams(max_new_tokens=2)))
         wait_for(lambda: s.engine.num_waiting == 1, what="the request to be queued")
         drained = asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop)

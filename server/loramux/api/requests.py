@@ -10,7 +10,6 @@ count and log a request.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -42,11 +41,11 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
 
 
 def sampling_params(p: pb.SamplingParams) -> SamplingParams:
-    """The engine's parameters for the contract's.
+    """The engine's parameters for the contract's (validated later, once, by `SamplingParams.validate`).
 
     proto3 sends 0 for an unset float: only an exact 0 means "off"; NaN, negative or
     out-of-range values go on to validation and are refused there, never taken as off."""
-    params = SamplingParams(
+    return SamplingParams(
         max_new_tokens=p.max_new_tokens,
         temperature=p.temperature,
         top_p=1.0 if p.top_p == 0 else p.top_p,
@@ -55,15 +54,10 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         stop=tuple(p.stop),
         repetition_penalty=1.0 if p.repetition_penalty == 0 else p.repetition_penalty,
         ignore_eos=p.ignore_eos,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
     )
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    for name in ("min_p", "presence_penalty", "frequency_penalty"):
-        value = getattr(p, name)
-        if name in known:
-            setattr(params, name, value)
-        elif value != 0:
-            raise ValueError(f"{name} is not supported by this engine yet")
-    return params
 
 
 def build_request(

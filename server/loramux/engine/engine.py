@@ -18,7 +18,7 @@ from typing import Any
 from loramux.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.kv_cache import KVCache, available_bytes, kv_cache_bytes
-from loramux.engine.request import FinishReason, Request, TokenEvent
+from loramux.engine.request import FinishReason, InvalidParameter, Request, TokenEvent
 from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
@@ -92,16 +92,19 @@ class Engine:
         """Check a request against the model and resolve defaults; ValueError says what is wrong."""
         req.params.validate()
         if not req.prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidParameter("prompt", "the prompt is empty")
         bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids out of the vocabulary (size {self.vocab_size}): {bad[:5]}")
+            raise InvalidParameter(
+                "prompt", f"prompt_token_ids out of the vocabulary (size {self.vocab_size}): {bad[:5]}"
+            )
         if req.params.max_new_tokens == 0:
             req.params.max_new_tokens = max(1, min(self.config.default_max_new_tokens, self.max_len - req.prompt_len))
         if req.prompt_len + req.params.max_new_tokens > self.max_len:
-            raise ValueError(
+            raise InvalidParameter(
+                "max_new_tokens",
                 f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) "
-                f"exceeds the model's context of {self.max_len} tokens"
+                f"exceeds the model's context of {self.max_len} tokens",
             )
 
     def submit(self, req: Request) -> None:
@@ -325,7 +328,13 @@ class Engine:
         log_request(record)
         if self.metrics is not None:
             self.metrics.request_finished(
-                status, r.prompt_len, len(r.output_ids), queue_s, ttft, end - r.arrival, r.adapter_id or None,
+                status,
+                r.prompt_len,
+                len(r.output_ids),
+                queue_s,
+                ttft,
+                end - r.arrival,
+                r.adapter_id or None,
                 frontend=r.frontend,
             )
 

@@ -40,36 +40,46 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def validate(self) -> None:
-        """Raise ValueError with a message that names the bad parameter.
+        """Raise InvalidParameter (a ValueError) with a message that names the bad parameter.
 
+        The one check of sampling values: the gRPC and the HTTP API both reach it (api/requests.py).
         NaN fails every range check below (each is written so that a NaN is out of range),
         so no NaN or infinity is ever taken as "off".
         """
         if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise InvalidParameter("max_new_tokens", "max_new_tokens must be >= 0")
         _in_range("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (0 or unset = off), got {self.top_p}")
+            raise InvalidParameter("top_p", f"top_p must be in (0, 1] (0 or unset = off), got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise InvalidParameter("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(
-                f"repetition_penalty must be a finite number > 0 (0 or unset = off), got {self.repetition_penalty}"
+            raise InvalidParameter(
+                "repetition_penalty",
+                f"repetition_penalty must be a finite number > 0 (0 or unset = off), got {self.repetition_penalty}",
             )
         _in_range("min_p", self.min_p, 0.0, 1.0, "in [0, 1] (0 = off)")
         _in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
         _in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+            raise InvalidParameter("stop", "stop: at most 16 non-empty strings of at most 256 characters")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+class InvalidParameter(ValueError):
+    """A request parameter out of its range; `param` is its SamplingParams field name (or `prompt`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _in_range(name: str, value: float, lo: float, hi: float, what: str) -> None:
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise ValueError(f"{name} must be {what}, got {value}")
+        raise InvalidParameter(name, f"{name} must be {what}, got {value}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loramux.engine.request import FinishReason
+from loramux.engine.request import FinishReason, InvalidParameter
 from loramux.http.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from loramux.v1 import loramux_pb2 as pb
 
@@ -47,7 +47,7 @@ def completion_requests(body: CompletionRequest, adapter_id: str, request_id: st
             )  # fmt: skip
             if isinstance(prompt, str):
                 if not prompt:
-                    raise ValueError("prompt is empty")
+                    raise InvalidParameter("prompt", "prompt is empty")
                 msg.prompt = prompt
             else:
                 msg.prompt_token_ids.extend(prompt)

@@ -6,6 +6,7 @@ import grpc
 from fastapi.responses import JSONResponse
 
 from loramux.api.errors import status_for
+from loramux.engine.request import InvalidParameter
 
 # The gRPC status a failure maps to (DESIGN.md's table) -> the HTTP status and OpenAI's error type.
 _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -19,6 +20,8 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "TimeoutError"),
 }
 _INTERNAL = (500, "InternalServerError")
+# The engine's name for a parameter -> the request body's (the rest are spelled alike).
+_BODY_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class HttpError(Exception):
@@ -43,6 +46,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for any exception raised while serving a request."""
     if isinstance(exc, HttpError):
         code, param = exc.code, exc.param
+    elif isinstance(exc, InvalidParameter):  # the engine's one validation, shared with gRPC
+        code, param = status_for(exc), _BODY_NAMES.get(exc.param, exc.param)
     else:
         code, param = status_for(exc), None
     status, _ = http_status(code)

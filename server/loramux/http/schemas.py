@@ -4,16 +4,19 @@ The fields are OpenAI's, plus the sampling extras vLLM accepts (`top_k`, `min_p`
 `repetition_penalty`, `ignore_eos`). Unknown fields are ignored, as OpenAI-style
 servers do, so tools that send more than we use keep working; fields we know but
 cannot honour (`echo`, `suffix`, `logit_bias`, `tools`, `best_of` > `n`) are refused
-with a 400 rather than silently dropped. Range checks that the engine makes anyway
-(temperature, top_p, penalties) are left to it, so both APIs refuse the same values
-with the same message.
+with a 400 rather than silently dropped. Range checks are the engine's
+(`SamplingParams.validate`: temperature, top_p, top_k, min_p and the three penalties),
+so both APIs refuse the same values with the same message; the error names the
+parameter (`param`). Only an exact 0 for `top_p` or `repetition_penalty` is refused
+here: the contract's message reads 0 as "unset", and an OpenAI client that sends it
+means something else.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions call
@@ -58,6 +61,14 @@ class _Sampling(BaseModel):
     def _top_k(cls, v: int | None) -> int | None:
         if v is not None and v < -1:
             raise ValueError("top_k must be -1 or 0 (off), or a positive number of tokens")
+        return v
+
+    @field_validator("top_p", "repetition_penalty")
+    @classmethod
+    def _not_zero(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v == 0:
+            what = "in (0, 1]" if info.field_name == "top_p" else "> 0 (1 = off)"
+            raise ValueError(f"{info.field_name} must be {what}, got 0 (use temperature 0 for greedy)")
         return v
 
     @field_validator("seed")
