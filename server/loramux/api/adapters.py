@@ -161,23 +161,28 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         remaining = context.time_remaining()
         deadline = loop.time() + min(remaining if remaining is not None else LOAD_TIMEOUT_S, LOAD_TIMEOUT_S)
         # prefetch() only starts the load; asking again installs it once the worker is done.
-        while True:
-            try:
-                resident, stuck = await asyncio.wrap_future(
-                    self.engine.call(lambda: self._prefetch(adapter_id, request.pin, request.merge))
-                )
-            except Exception as e:
-                await self._refuse(context, e, "LoadAdapter")
-            if resident:
-                break
-            if stuck:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"every device slot is pinned; unload an adapter before loading {adapter_id!r}",
-                )
-            if loop.time() > deadline:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"adapter {adapter_id!r} is not resident yet")
-            await asyncio.sleep(0.01)
+        try:
+            while True:
+                try:
+                    resident, stuck = await asyncio.wrap_future(
+                        self.engine.call(lambda: self._prefetch(adapter_id, request.pin, request.merge))
+                    )
+                except Exception as e:
+                    await self._refuse(context, e, "LoadAdapter")
+                if resident:
+                    break
+                if stuck:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"every device slot is pinned; unload an adapter before loading {adapter_id!r}",
+                    )
+                if loop.time() > deadline:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"adapter {adapter_id!r} is not resident yet"
+                    )
+                await asyncio.sleep(0.01)
+        finally:  # answered, refused or gone: a slot reservation it made must not outlive it
+            self.engine.call(lambda: self.cache.end_prefetch(adapter_id))
         log.info("adapter %s loaded into a device slot%s", adapter_id,
                  " and merged (pinned)" if request.merge else " and pinned" if request.pin else "")
         return await self._call(context, lambda: self._message(self.store.get(adapter_id)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from loramux.adapters.cache.adapter_cache import SlotsPinned
 from loramux.adapters.store.store import AdapterNotFound, AlreadyExists, UploadTooLarge
 from loramux.engine.engine import Draining
 from loramux.engine.scheduler import QueueFull
@@ -22,7 +23,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, (QueueFull, UploadTooLarge)):
+    if isinstance(exc, (QueueFull, UploadTooLarge, SlotsPinned)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, Draining):
         return grpc.StatusCode.UNAVAILABLE

@@ -66,6 +66,9 @@ class Engine:
         # Requests the server makes itself (the warm-up): run like any other, but
         # not counted in metrics or logged, so the counters equal client traffic.
         self.quiet: set[Request] = set()
+        # Why a request refused at admission was refused (the API's status name, lower case:
+        # "not_found", ...); "internal" for a failure that is not a refusal. The server sets it.
+        self.refusal_reason: Callable[[BaseException], str] = lambda err: "internal"
 
     @staticmethod
     def _check_kv_fits(base: BaseModel, max_running: int, max_len: int) -> None:
@@ -204,7 +207,7 @@ class Engine:
     def step(self) -> bool:
         """One iteration. Returns False when there was nothing to run."""
         self.scheduler.reap(self._dropped)
-        batch = self.scheduler.schedule(self._fail)
+        batch = self.scheduler.schedule(self._refused)
         self._gauges()
         if not batch.requests:
             return False
@@ -298,11 +301,21 @@ class Engine:
         self._record(r, "error")
         self._emit(r, TokenEvent([], "", [], error=err))
 
+    def _refused(self, r: Request, err: BaseException) -> None:
+        """A waiting request the scheduler could not admit (its adapter was deleted or is bad,
+        every slot is pinned, too long with its soft prompt): counted as rejected, by reason."""
+        reason = self.refusal_reason(err)
+        if reason == "internal":
+            self._fail(r, err)
+            return
+        self._record(r, "rejected", reason)
+        self._emit(r, TokenEvent([], "", [], error=err))
+
     def _dropped(self, r: Request, why: str) -> None:
         self._record(r, why)
         self._emit(r, TokenEvent([], "", [], cancelled=True))
 
-    def _record(self, r: Request, status: str) -> None:
+    def _record(self, r: Request, status: str, reason: str = "") -> None:
         """The one place a finished request is counted and logged (and its sampling state freed)."""
         self.sampler.release(r)
         if r in self.quiet:
@@ -323,10 +336,14 @@ class Engine:
             "total_s": end - r.arrival,
             "frontend": r.frontend,
         }
+        if reason:
+            record["code"] = reason.upper()
         if prompts_logged():  # --log-prompts: decoded only then, so the default costs nothing
             record["prompt"] = self.base.tokenizer.decode(r.prompt_ids)
         log_request(record)
-        if self.metrics is not None:
+        if self.metrics is not None and status == "rejected":
+            self.metrics.request_rejected(reason)
+        elif self.metrics is not None:
             self.metrics.request_finished(
                 status,
                 r.prompt_len,

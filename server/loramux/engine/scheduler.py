@@ -45,6 +45,9 @@ class AdapterSlots(Protocol):
     def waiting_for_slot(self, adapter_id: str) -> bool:
         """True when `adapter_id` is not loading because every slot is held."""
 
+    def still_wanted(self, adapter_ids: set[str]) -> None:
+        """The adapters of every waiting request: a slot reserved for any other adapter is freed."""
+
     def release(self, lease: SlotLease) -> None: ...
 
     def merge_plan(self, requests: list[Request]) -> tuple[int, bool]:
@@ -79,6 +82,8 @@ class Scheduler:
     def schedule(self, on_error: Callable[[Request, BaseException], None]) -> Batch:
         budget = self.config.max_batch_tokens - len(self.running)
         admitted: list[Request] = []
+        if self.adapters is not None:  # a reservation whose requests are gone must not hold a slot
+            self.adapters.still_wanted({r.adapter_id for r in self.waiting if r.adapter_id})
         slot_blocked = False
         for r in list(self.waiting):
             if len(self.running) + len(admitted) >= self.config.max_running or self.cache.free_rows == 0:

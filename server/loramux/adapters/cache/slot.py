@@ -28,9 +28,14 @@ class Slot:
     refs: int = 0
     pinned: bool = False
     last_used: float = 0.0
-    # reserved for a request that found every slot held: no new leases, so its running
-    # requests finish, it goes idle, and the waiting request claims it (no starvation)
-    draining: bool = False
+    # reserved for the adapter of a request that found every slot held: no new leases, so its
+    # running requests finish, it goes idle, and the waiting request claims it (no starvation).
+    # The reservation lapses as soon as no waiting request or LoadAdapter call wants that adapter.
+    reserved_for: str | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.reserved_for is not None
 
     @property
     def busy(self) -> bool:
