@@ -78,6 +78,9 @@ class ServerConfig:
     allowed_adapter_dir: Path | None = _flag(
         None, "the directory /v1/load_lora_adapter may load from (unset: that endpoint is off)"
     )
+    threads: int = _flag(
+        0, "torch threads (0 = one less than the available cores: the server's own threads need one)"
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
@@ -102,6 +105,7 @@ class ServerConfig:
         _positive("--max-message-mb", self.max_message_mb)
         _positive("--drain-timeout", self.drain_timeout, allow_zero=True)
         _positive("--metrics-max-adapter-labels", self.metrics_max_adapter_labels, allow_zero=True)
+        _positive("--threads", self.threads, allow_zero=True)
         if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
             raise ValueError(f"--admin-token-file {self.admin_token_file} does not exist")
         self.engine.validate()

@@ -36,6 +36,14 @@ _log_prompts = False
 _FIELDS_ATTR = "loramux_fields"
 
 
+def clip(text: str, limit: int = 128) -> str:
+    """A client-given id or name as it may appear in a message or a log line: quoted, at most
+    `limit` characters of it, so a megabyte id cannot be echoed back or flood the logs."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _clean(value: Any) -> Any:
     # Seconds rounded to microseconds: enough precision, shorter lines.
     if isinstance(value, float):

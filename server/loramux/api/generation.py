@@ -11,7 +11,7 @@ from contextlib import aclosing
 import grpc
 
 from loramux.api.errors import status_for
-from loramux.api.requests import RequestCancelled, admit, events
+from loramux.api.requests import Prompts, RequestCancelled, admit, events
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, TokenEvent
 from loramux.v1 import loramux_pb2 as pb
@@ -30,6 +30,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def attach(self, engine: Engine, adapter_exists: Callable[[str], bool]) -> None:
         self.tokenizer = engine.base.tokenizer
+        self.prompts = Prompts(self.tokenizer, engine.max_len)
         self.adapter_exists = adapter_exists
         self.engine = engine
 
@@ -80,7 +81,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            return admit(self.engine, request, self.tokenizer, self.adapter_exists, deadline, FRONTEND)
+            return await admit(self.engine, request, self.prompts, self.adapter_exists, deadline, FRONTEND)
         except Exception as e:  # Draining is UNAVAILABLE, like any status, through status_for
             await context.abort(status_for(e), str(e))
             raise AssertionError("unreachable: abort raises") from e

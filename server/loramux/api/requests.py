@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from loramux.api.errors import NotFound, status_for
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams, TokenEvent
-from loramux.logs import log_request
+from loramux.logs import clip, log_request
 from loramux.v1 import loramux_pb2 as pb
 
 MAX_REQUEST_ID_BYTES = 256
+ID_LOGGED_CHARS = 128  # a client-given id is cut to this in a log line (and, quoted, in a message)
 
 
 class RequestCancelled(Exception):
@@ -60,9 +62,45 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def build_request(
+class Prompts:
+    """A front-end's prompts to token ids: bounded by size first, then tokenized off the event loop.
+
+    A token covers at most as many characters as the longest entry of the vocabulary, so a
+    text longer than `max_len` x that many characters cannot fit the context whatever it
+    tokenizes to: it is refused before tokenizing. The rest is tokenized on one worker
+    thread of this front-end, so a long prompt never stalls the event loop (other RPCs)."""
+
+    def __init__(self, tokenizer: Any, max_len: int) -> None:
+        self.tokenizer = tokenizer
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.max_chars = max_len * max(1, longest)
+        self.max_len = max_len
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-tokenize")
+
+    def _check_size(self, chars: int) -> None:
+        if chars > self.max_chars:
+            raise ValueError(
+                f"the prompt ({chars} characters) cannot fit the model's context of "
+                f"{self.max_len} tokens (at most {self.max_chars} characters)"
+            )
+
+    async def ids(self, msg: pb.GenerateRequest) -> list[int]:
+        """The prompt's token ids, whichever of prompt, messages and prompt_token_ids it set."""
+        loop = asyncio.get_running_loop()
+        if msg.prompt:
+            self._check_size(len(msg.prompt))
+            encoded = await loop.run_in_executor(self._pool, self.tokenizer, msg.prompt)
+            return list(encoded.input_ids)
+        if msg.messages:
+            messages = [{"role": m.role, "content": m.content} for m in msg.messages]
+            self._check_size(sum(len(m["content"]) for m in messages))  # the template only adds to it
+            return await loop.run_in_executor(self._pool, chat_prompt_ids, self.tokenizer, messages)
+        return list(msg.prompt_token_ids)
+
+
+async def build_request(
     msg: pb.GenerateRequest,
-    tokenizer: Any,
+    prompts: Prompts,
     adapter_exists: Callable[[str], bool],
     deadline: float | None,
     frontend: str,
@@ -74,16 +112,10 @@ def build_request(
     if len(msg.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise ValueError(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
     if msg.adapter_id and not adapter_exists(msg.adapter_id):
-        raise NotFound(f"unknown adapter {msg.adapter_id!r}")
-    if msg.prompt:
-        prompt_ids = list(tokenizer(msg.prompt).input_ids)
-    elif msg.messages:
-        prompt_ids = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.content} for m in msg.messages])
-    else:
-        prompt_ids = list(msg.prompt_token_ids)
+        raise NotFound(f"unknown adapter {clip(msg.adapter_id, ID_LOGGED_CHARS)}")
     return Request(
         request_id=msg.request_id or uuid.uuid4().hex,
-        prompt_ids=prompt_ids,
+        prompt_ids=await prompts.ids(msg),
         params=sampling_params(msg.params),
         adapter_id=msg.adapter_id,
         return_logprobs=msg.return_logprobs,
@@ -92,10 +124,10 @@ def build_request(
     )
 
 
-def admit(
+async def admit(
     engine: Engine,
     msg: pb.GenerateRequest,
-    tokenizer: Any,
+    prompts: Prompts,
     adapter_exists: Callable[[str], bool],
     deadline: float | None,
     frontend: str,
@@ -108,7 +140,7 @@ def admit(
     queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
     req: Request | None = None
     try:
-        req = build_request(msg, tokenizer, adapter_exists, deadline, frontend)
+        req = await build_request(msg, prompts, adapter_exists, deadline, frontend)
         engine.validate(req)
         # The sink is set before submit: the engine may step before this coroutine resumes.
         req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
@@ -128,8 +160,8 @@ def record_rejection(
         engine.metrics.request_rejected(code.lower(), frontend=frontend)
     log_request(
         {
-            "request_id": req.request_id if req is not None else msg.request_id or None,
-            "adapter_id": msg.adapter_id,
+            "request_id": req.request_id if req is not None else msg.request_id[:ID_LOGGED_CHARS] or None,
+            "adapter_id": msg.adapter_id[:ID_LOGGED_CHARS],
             "status": "rejected",
             "prompt_tokens": req.prompt_len if req is not None else None,
             "generated_tokens": 0,

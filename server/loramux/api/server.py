@@ -20,6 +20,8 @@ from loramux.adapters.model.wrapped import WrappedModel
 from loramux.adapters.store.store import AdapterStore
 from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
+from loramux.api.decode import DecodeErrors
+from loramux.api.errors import status_for
 from loramux.api.generation import GenerationService
 from loramux.config import ServerConfig
 from loramux.engine.engine import Engine
@@ -27,6 +29,7 @@ from loramux.http.app import HttpState, create_app, read_key
 from loramux.http.frontend import HttpFrontend
 from loramux.metrics import Metrics
 from loramux.model import BaseModel, load_base_model
+from loramux.threads import apply_threads
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -66,7 +69,7 @@ class LoramuxServer:
         msg = cfg.max_message_mb * 1024 * 1024
         self.adapters = AdaptersService(AdminAuth.from_file(cfg.admin_token_file), int(cfg.max_adapter_mb * MB))
         self.grpc = grpc.aio.server(
-            interceptors=[self.adapters.interceptor()],
+            interceptors=[DecodeErrors(self._undecodable), self.adapters.interceptor()],
             options=[("grpc.max_receive_message_length", msg), ("grpc.max_send_message_length", msg)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -97,6 +100,7 @@ class LoramuxServer:
         print(f"metrics listening on {metrics_host}:{self.metrics_port}", flush=True)
 
         loop = asyncio.get_running_loop()
+        self.threads = apply_threads(cfg.threads)
         self.base = await loop.run_in_executor(None, load_base_model, cfg.model, cfg.device, cfg.dtype)
         wrapped = WrappedModel(self.base.model, cfg.engine.max_device_adapters)
         self.wrapped = wrapped
@@ -110,6 +114,7 @@ class LoramuxServer:
         )
         self.engine = Engine(self.base, wrapped, cfg.engine, adapters=self.cache, metrics=self.metrics)
         self.cache.on_ready = self.engine.wake
+        self.engine.refusal_reason = lambda err: status_for(err).name.lower()
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
         self.generation.attach(self.engine, self.store.exists)
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
@@ -122,6 +127,11 @@ class LoramuxServer:
         self.http_state.serving = True
         b = self.base
         log.info("serving %s on %s (%s) at %s:%d", b.name, b.device, b.dtype, cfg.host, self.port)
+
+    def _undecodable(self, method: str) -> None:
+        """A Generation request that did not parse counts as rejected (invalid_argument), like any refusal."""
+        if self.metrics is not None and method.startswith(f"/{SERVICE_NAMES[0]}/"):
+            self.metrics.request_rejected("invalid_argument")
 
     def validate_adapter(self, config: dict, weights_path: Path) -> str:
         """Parse an adapter against the base model (every check loading does); returns its type."""

@@ -342,7 +342,7 @@ class Engine:
             record["prompt"] = self.base.tokenizer.decode(r.prompt_ids)
         log_request(record)
         if self.metrics is not None and status == "rejected":
-            self.metrics.request_rejected(reason)
+            self.metrics.request_rejected(reason, frontend=r.frontend)
         elif self.metrics is not None:
             self.metrics.request_finished(
                 status,

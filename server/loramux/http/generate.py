@@ -21,7 +21,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loramux.api.errors import NotFound, status_for
-from loramux.api.requests import admit, cancel, events
+from loramux.api.requests import Prompts, admit, cancel, events
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, TokenEvent
 from loramux.http.convert import FINISH, Choice, Shapes
@@ -60,14 +60,17 @@ class Generation:
     def __init__(self, engine: Engine, tokenizer: Any, adapter_exists: Callable[[str], bool]) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.prompts = Prompts(tokenizer, engine.max_len)  # bounded, then tokenized off the event loop
         self.adapter_exists = adapter_exists
 
-    def admit_all(self, msgs: list[pb.GenerateRequest], model: str) -> list[tuple[Request, asyncio.Queue[TokenEvent]]]:
+    async def admit_all(
+        self, msgs: list[pb.GenerateRequest], model: str
+    ) -> list[tuple[Request, asyncio.Queue[TokenEvent]]]:
         admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]] = []
         try:
             for m in msgs:
-                admitted.append(admit(self.engine, m, self.tokenizer, self.adapter_exists, None, FRONTEND))
-        except Exception as e:
+                admitted.append(await admit(self.engine, m, self.prompts, self.adapter_exists, None, FRONTEND))
+        except BaseException as e:  # a refusal, or the call cancelled while a prompt was tokenized
             for req, _ in admitted:
                 cancel(self.engine, req)
             if isinstance(e, NotFound):
@@ -87,7 +90,7 @@ class Generation:
         include_usage: bool,
         with_logprobs: bool,
     ) -> Response:
-        admitted = self.admit_all(msgs, model)
+        admitted = await self.admit_all(msgs, model)
         shapes = Shapes(kind, request_id, model, self.tokenizer)
         choices = [
             Choice(index=k, prompt_index=k // n, prompt_tokens=req.prompt_len) for k, (req, _) in enumerate(admitted)

@@ -40,6 +40,8 @@ def config_from_json(text: str) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise AdapterError(f"adapter config is not valid JSON: {e}") from e
+    except RecursionError:
+        raise AdapterError("adapter config JSON is nested too deeply") from None
     if not isinstance(config, dict):
         raise AdapterError("adapter config must be a JSON object")
     return config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters.formats.peft_targets import resolve_targets
+from loramux.adapters.formats.peft_targets import check_target_fields, resolve_targets
 from loramux.adapters.formats.tensors import read_safetensors
 from loramux.adapters.kinds.base import AdapterError, AdapterInfo
 from loramux.adapters.kinds.lora import dora_row_scale
@@ -118,8 +118,18 @@ def _check_lora_options(config: dict) -> None:
         raise AdapterError(f"bias must be 'none', 'all' or 'lora_only', got {config.get('bias')!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         pat = config.get(key) or {}
-        if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) for v in pat.values()):
-            raise AdapterError(f"{key} must map module patterns to numbers, got {pat!r}")
+        if not isinstance(pat, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in pat.values()
+        ):
+            raise AdapterError(f"{key} must map module patterns to numbers, got {str(pat)[:200]}")
+        for p, v in pat.items():
+            try:
+                re.compile(rf"(.*\.)?({p})$")
+            except (re.error, RecursionError, OverflowError) as e:
+                raise AdapterError(f"{key}: {p[:200]!r} is not a valid regular expression ({e})") from None
+            if key == "rank_pattern" and (v != int(v) or v < 1):
+                raise AdapterError(f"rank_pattern: the rank for {p[:200]!r} must be a positive integer, got {v!r}")
+    check_target_fields(config)
     if config.get("use_dora") and config.get("lora_bias"):
         raise AdapterError("lora_bias=True with use_dora=True is not a valid PEFT adapter")
 

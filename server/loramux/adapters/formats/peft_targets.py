@@ -31,6 +31,7 @@ def resolve_targets(config: dict, wrapped) -> dict[str, bool | None]:  # wrapped
         isinstance(target, list) and not all(isinstance(t, str) for t in target)
     ):
         raise AdapterError(f"target_modules must be a string or a list of strings, got {target!r}")
+    check_target_fields(config)
     candidates = _candidate_names(wrapped)
     if isinstance(target, str) and target.lower() == "all-linear":
         out_emb = _output_embedding_name(wrapped.model)
@@ -48,6 +49,44 @@ def resolve_targets(config: dict, wrapped) -> dict[str, bool | None]:  # wrapped
         )
     ff = config.get("feedforward_modules") if config.get("peft_type") == "IA3" else None
     return {n: _is_feedforward(ff, n) for n in matched}
+
+
+def check_target_fields(config: dict) -> None:
+    """Refuse, naming the field, what PEFT's matching would choke on: wrong types and bad regexes."""
+    for key in ("target_modules", "exclude_modules", "layers_pattern", "feedforward_modules"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if key == "layers_pattern":
+                for v in value:
+                    _regex(key, v)
+            continue
+        if not isinstance(value, str):
+            raise AdapterError(f"{key} must be a string or a list of strings, got {_short(value)}")
+        if key != "target_modules" or value.lower() != "all-linear":
+            _regex(key, value)
+    indexes = config.get("layers_to_transform")
+    if indexes is not None and not _is_index(indexes) and not (
+        isinstance(indexes, list) and all(_is_index(i) for i in indexes)
+    ):
+        raise AdapterError(f"layers_to_transform must be a layer index or a list of them, got {_short(indexes)}")
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{key}: {_short(pattern)} is not a valid regular expression ({e})") from None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _candidate_names(wrapped) -> dict[str, nn.Module]:

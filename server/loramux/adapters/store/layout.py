@@ -23,6 +23,7 @@ from typing import Any
 from loramux.adapters.contract import AdapterError
 from loramux.adapters.formats.detect import UnknownFormat, weights_name
 from loramux.adapters.store.upload import InvalidUpload
+from loramux.logs import clip
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
 ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -46,7 +47,8 @@ def validate_adapter_id(adapter_id: object) -> str:
     """
     if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
         raise InvalidAdapterId(
-            f"invalid adapter id {adapter_id!r}: it must be 1-128 characters of letters, digits, '.', '_', '-', "
+            f"invalid adapter id {clip(adapter_id) if isinstance(adapter_id, str) else type(adapter_id).__name__}: "
+            "it must be 1-128 characters of letters, digits, '.', '_', '-', "
             "starting with a letter or digit"
         )
     return adapter_id

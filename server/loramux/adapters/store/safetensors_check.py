@@ -43,7 +43,11 @@ def _reject(path: Path, why: str) -> InvalidWeightsFile:
 
 
 def _sniff(prefix: bytes) -> str | None:
-    """Name well-known non-safetensors formats, so the error tells the user what to do."""
+    """Name well-known non-safetensors formats, so the error tells the user what to do.
+
+    Only asked about a file that failed to parse: a valid safetensors file can begin with
+    the same bytes (a header length of 640 is `80 02 00 ...`, a pickle's opening).
+    """
     if prefix.startswith(b"PK\x03\x04"):
         return "it is a zip archive (torch.save / pytorch .bin format); only safetensors weights are accepted"
     if prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -87,16 +91,25 @@ def check_safetensors(path: Path) -> dict[str, Any]:
     """Raise InvalidWeightsFile unless `path` is a structurally sound safetensors file.
 
     Returns the parsed header (tensor name -> entry, plus `__metadata__` if present).
-    Reads only the header; the data buffer is never touched.
+    Reads only the header; the data buffer is never touched. A file that does not parse
+    and looks like a pickle or a zip archive is refused as that, to tell the user why.
     """
+    try:
+        return _parse(path)
+    except InvalidWeightsFile:
+        with path.open("rb") as f:
+            sniffed = _sniff(f.read(8))
+        if sniffed:
+            raise _reject(path, sniffed) from None
+        raise
+
+
+def _parse(path: Path) -> dict[str, Any]:
     file_size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise _reject(path, f"only {file_size} bytes, shorter than the 8-byte header length")
-        sniffed = _sniff(prefix)
-        if sniffed:
-            raise _reject(path, sniffed)
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len < 2 or header_len > MAX_HEADER_BYTES:
             raise _reject(path, f"header length {header_len} is outside 2..{MAX_HEADER_BYTES}")
@@ -109,6 +122,8 @@ def check_safetensors(path: Path) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise _reject(path, f"header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise _reject(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _reject(path, "header is not a JSON object")
 

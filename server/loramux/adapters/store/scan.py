@@ -44,7 +44,11 @@ def recover_trash(root: Path, entry: Path) -> None:
 def read_adapter_dir(path: Path, version: int, classify: Validator | None) -> StoredAdapter:
     """The record of the adapter directory `path`; a missing or stale manifest is rewritten (hashing the weights)."""
     adapter_id = path.name
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    refuse_links(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise InvalidUpload(f"{CONFIG_FILE} is nested too deeply") from None
     if not isinstance(config, dict):
         raise InvalidUpload(f"{CONFIG_FILE} is not a JSON object")
     weights_file = weights_file_for(config)
@@ -83,6 +87,17 @@ def read_adapter_dir(path: Path, version: int, classify: Validator | None) -> St
     if not fresh or record.adapter_type != manifest.get("adapter_type") or manifest.get("adapter_id") != adapter_id:
         persist_manifest(record)
     return record
+
+
+def refuse_links(path: Path) -> None:
+    """Refuse an adapter directory that is a symbolic link or holds one: the store never reads or
+    writes (its manifest) outside its root."""
+    if path.is_symlink():
+        raise InvalidUpload(f"{path.name} is a symbolic link; the store never follows links out of its root")
+    root = path.parent.resolve()
+    for child in path.iterdir():
+        if child.is_symlink() or not child.resolve().is_relative_to(root):
+            raise InvalidUpload(f"{path.name}/{child.name} is a symbolic link; the store never follows links")
 
 
 def persist_manifest(record: StoredAdapter) -> None:

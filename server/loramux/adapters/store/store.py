@@ -86,6 +86,9 @@ class AdapterStore:
         self._staging = self.root / STAGING
         self._trash = self.root / TRASH
         for d in (self.root, self._staging, self._trash):
+            if d is not self.root and d.is_symlink():  # never clean (delete in) a directory outside the store
+                log.warning("adapter store: %s is a symbolic link; replacing it with a directory", d)
+                d.unlink()
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards the dicts below and the version counter
         self._records: dict[str, StoredAdapter] = {}
@@ -184,6 +187,8 @@ class AdapterStore:
             config = json.loads(config_json)
         except (TypeError, ValueError) as e:
             raise InvalidUpload(f"config_json is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidUpload("config_json is nested too deeply") from None
         if not isinstance(config, dict):
             raise InvalidUpload("config_json must be a JSON object")
         weights_file = weights_file_for(config)
