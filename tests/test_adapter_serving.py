@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 import urllib.request
 
 import pytest
 import torch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 from peft import IA3Config, LoraConfig
 from peft_helpers import make_peft_adapter
 
@@ -123,11 +122,16 @@ def test_waiting_for_a_slot_is_fair(store, tiny_llama_dir):
     with ServerThread(tiny_llama_dir, store=root, max_device_adapters=1) as s:
         first = s.gen.GenerateStream(req([5, 6], 120, "lora-attn"))
         next(first)  # lora-attn holds the only slot
+        hold = Hold(s.engine)  # the first request cannot finish while the others arrive
         waiting = threading.Thread(target=run, args=("dora", req([7, 8], 4, "dora")))
         waiting.start()
-        time.sleep(0.3)  # the dora request is queued, waiting for the slot
+        wait_until(lambda: s.engine.num_waiting == 1, "the dora request to be queued")
+        hold.release(steps=1)  # one step: dora finds the slot held and reserves it; then held again
+        assert [slot.reserved_for for slot in s.server.cache.slots] == ["dora"]
         later = threading.Thread(target=run, args=("lora-later", req([9, 10], 4, "lora-attn")))
         later.start()
+        wait_until(lambda: s.engine.num_waiting == 2, "the later request to be queued behind dora")
+        hold.release()
         for _ in first:
             pass
         waiting.join(120)

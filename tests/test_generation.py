@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 import torch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 
 from loramux.v1 import loramux_pb2 as pb
 
@@ -93,9 +93,12 @@ def test_short_request_during_long_one_finishes_first(server):
             pass
         order.append("long")
 
+    with Hold(server.engine):  # the short one arrives while the long one has ~400 steps to go
+        short = server.gen.Generate.future(greedy_request([20, 21], 4))
+        wait_until(lambda: server.engine.num_waiting == 1, "the short request to be queued")
     t = threading.Thread(target=drain_long)
     t.start()
-    server.gen.Generate(greedy_request([20, 21], 4))
+    short.result(timeout=120)
     order.append("short")
     t.join(120)
     assert order == ["short", "long"]
@@ -114,9 +117,18 @@ def test_cancel_mid_stream_frees_everything(server, reference_llama):
 
 
 def test_deadline_frees_everything(server):
+    """A running request whose deadline passes frees its KV row. The engine is held after the
+    request's first step, so it cannot finish first however fast the machine is."""
+    hold = Hold(server.engine)
+    stream = server.gen.GenerateStream(greedy_request([5, 6, 7], 400), timeout=5)
+    wait_until(lambda: server.engine.num_waiting == 1, "the request to be queued")
+    hold.release(steps=1)  # prefill and one token; then held again
+    assert next(stream).token_ids
     with pytest.raises(grpc.RpcError) as e:
-        server.gen.Generate(greedy_request([5, 6, 7], 400), timeout=0.3)
+        list(stream)  # nothing more comes while the engine is held: the deadline passes
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert server.engine.num_running == 1 and server.engine.kv.free_rows == server.engine.kv.max_seqs - 1
+    hold.release()
     wait_idle(server)
     assert server.engine.kv.free_rows == server.engine.kv.max_seqs
 

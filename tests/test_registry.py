@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from harness import Hold, wait_until
 from registry_helpers import (
     AUTH,
     PROMPT,
@@ -78,23 +79,28 @@ def test_overwrite_serves_new_weights_at_once(srv: Running, made: dict[str, Adap
     assert generate(srv, "ow", 8) == a.greedy(8)  # the old weights are on the device, pinned
     # A request running across the overwrite finishes on the weights it started with.
     n = 200
+    engine = srv.s.engine
+    hold = Hold(engine)  # held, so the long request is still running when the overwrite lands
     long = srv.s.gen.GenerateStream(
         pb.GenerateRequest(
             adapter_id="ow", prompt_token_ids=PROMPT, params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True)
         )
     )
-    arrivals: list[tuple[float, list[int]]] = []
-    consumer = threading.Thread(target=lambda: arrivals.extend((time.monotonic(), list(m.token_ids)) for m in long))
-    consumer.start()
-    while not arrivals:
-        time.sleep(0.005)
-    got = put(srv, "ow", b, overwrite=True)
-    replaced_at = time.monotonic()
-    assert got.sha256 == b.sha256
+    wait_until(lambda: engine.num_waiting == 1, "the long request to be queued")
+    hold.release(steps=1)  # its prefill and first token; then held again
+    received = [list(next(long).token_ids)]
+    done: list[pb.Adapter] = []
+    uploader = threading.Thread(target=lambda: done.append(put(srv, "ow", b, overwrite=True)))
+    uploader.start()
+    # The store swaps at once; dropping the cached old weights waits for the (held) engine.
+    wait_until(lambda: srv.s.server.store.get("ow").sha256 == b.sha256, "the overwrite to be published")
+    assert engine.num_running == 1  # the long request runs across the overwrite
+    hold.release()
+    uploader.join(120)
+    assert done and done[0].sha256 == b.sha256
     assert generate(srv, "ow", 8) == b.greedy(8)
-    consumer.join(120)
-    assert arrivals[-1][0] > replaced_at  # it really was running when the overwrite returned
-    assert [t for _, ids in arrivals for t in ids] == a.greedy(n)
+    received.extend(list(m.token_ids) for m in long)
+    assert [t for ids in received for t in ids] == a.greedy(n)
     now = srv.s.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id="ow"))
     assert now.sha256 == b.sha256 and now.pinned and now.state == pb.ADAPTER_STATE_DEVICE  # the pin carried over
     srv.s.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="ow"), metadata=AUTH)

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,13 +128,11 @@ def test_oversize_manifest_is_refused_before_any_chunk(srv: Running, made: dict[
                 adapter_id="huge", config_json=made["a"].config, weights_sha256="0" * 64, weights_size=10 << 30
             )
         )
-        release.wait(30)  # the client would now stream 10 GiB; the server must not wait for it
+        release.wait(120)  # the client would now stream 10 GiB; the server must not wait for it
         yield pb.UploadAdapterRequest(chunk=b"x")
 
-    t0 = time.monotonic()
-    try:
+    try:  # a server that waited for chunks would see none before the call's deadline: DEADLINE_EXCEEDED
         assert code_of(srv.s.adapters.UploadAdapter, messages(), metadata=AUTH, timeout=30) == Code.RESOURCE_EXHAUSTED
-        assert time.monotonic() - t0 < 10
     finally:
         release.set()
 
