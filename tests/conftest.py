@@ -11,6 +11,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loramux.model import build_from_config, byte_tokenizer, tiny_llama_config  # noqa: E402
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds", type=float, default=15.0, help="how long tests/test_soak.py drives the server (default 15)"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama saved as a real model directory (config, safetensors, tokenizer)."""
