@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from loramux.adapters.cache.host_tier import HostTier, Key
 from loramux.adapters.cache.load_job import LoadResult, Stale, load
 from loramux.adapters.cache.merged import MergedCache
+from loramux.adapters.cache.reservations import Reservations
 from loramux.adapters.cache.slot import Lease, Slot
 from loramux.adapters.model.wrapped import WrappedModel
 from loramux.adapters.store.store import AdapterStore
@@ -52,11 +53,8 @@ class AdapterCache:
         self.host = HostTier(host_cache_bytes, metrics)
         self.errors: dict[Key, BaseException] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
-        self._blocked: set[str] = set()  # adapters that wait for a slot (every slot held)
-        # Who may own a slot reservation: the adapters of waiting requests (the scheduler's last
-        # `still_wanted`) and of LoadAdapter calls in progress. Any other reservation lapses.
-        self._wanted: set[str] = set()
-        self._prefetching: set[str] = set()
+        # who waits for a slot, and the slot reserved for them (reservations.py)
+        self.reservations = Reservations(self.slots)
         # the merged tier (merged.py): merged W0 + delta copies of hot adapters' weights, per device slot
         self.merged = MergedCache(
             wrapped,
@@ -88,16 +86,16 @@ class AdapterCache:
             if not self._finish_load(slot):
                 return self.acquire(adapter_id)  # the load failed or raced an overwrite: try again
         if slot is not None:
-            if slot.draining and self._owner_alive(slot):
+            if slot.draining and self.reservations.owner_alive(slot):
                 return None  # being freed for an older request; this one loads again afterwards
             slot.reserved_for = None  # (a lapsed reservation)
-            self._unreserve(adapter_id)  # it has a slot: it needs no other
+            self.reservations.unreserve(adapter_id)  # it has a slot: it needs no other
             if self.metrics is not None:
                 self.metrics.cache_hit("device")
             return self._lease(slot)
         if not may_load:
             return None
-        self._blocked.discard(adapter_id)
+        self.reservations.blocked.discard(adapter_id)
         if self.metrics is not None:
             self.metrics.cache_miss("device")
         free = self._claim_slot()
@@ -107,28 +105,21 @@ class AdapterCache:
                     f"every device slot ({len(self.slots)}) is pinned to another adapter, so adapter "
                     f"{adapter_id[:128]!r} cannot be loaded; unpin one (UnloadAdapter) first"
                 )
-            self._blocked.add(adapter_id)
-            self._reserve_slot(adapter_id)
+            self.reservations.wait(adapter_id)
             return None
-        self._unreserve(adapter_id)  # it got a slot: a reservation it made elsewhere lapses
+        self.reservations.unreserve(adapter_id)  # it got a slot: a reservation it made elsewhere lapses
         free.key = key
         free.loading = self._worker.submit(load, key, self.host, self.store, self.wrapped)
         free.loading.add_done_callback(lambda _f: self.on_ready())
         return None
 
     def waiting_for_slot(self, adapter_id: str) -> bool:
-        return adapter_id in self._blocked
+        return self.reservations.waiting_for_slot(adapter_id)
 
     def still_wanted(self, adapter_ids: set[str]) -> None:
         """The adapters of every waiting request (the scheduler, each step): reservations and
         waits of any other adapter (its requests were cancelled, expired or failed) lapse now."""
-        self._wanted = set(adapter_ids)
-        self._blocked &= self._wanted | self._prefetching
-        for slot in self.slots:
-            if slot.draining and not self._owner_alive(slot):
-                log.info("device slot %d: the reservation for %s lapsed (nothing waits for it)", slot.index,
-                         slot.reserved_for)
-                slot.reserved_for = None
+        self.reservations.still_wanted(adapter_ids)
 
     def release(self, lease: Lease) -> None:
         slot = self.slots[lease.slot]
@@ -151,7 +142,7 @@ class AdapterCache:
     def prefetch(self, adapter_id: str, pin: bool) -> bool:
         """Start loading (and pin or unpin); True once resident. Until then (or `end_prefetch`)
         the adapter counts as wanted, so a slot reservation it makes holds."""
-        self._prefetching.add(adapter_id)
+        self.reservations.prefetching.add(adapter_id)
         key = (adapter_id, self.store.get(adapter_id).sha256)
         slot = self._slot_for(key)
         if pin and slot is not None and slot.draining:
@@ -159,23 +150,20 @@ class AdapterCache:
         try:
             lease = self.acquire(adapter_id)
         except BaseException:
-            self._prefetching.discard(adapter_id)
+            self.reservations.prefetching.discard(adapter_id)
             raise
         slot = self._slot_for(key)
         if slot is not None:
             slot.pinned = pin or slot.pinned
         if lease is None:
             return False
-        self._prefetching.discard(adapter_id)
+        self.reservations.prefetching.discard(adapter_id)
         self.release(lease)
         return True
 
     def end_prefetch(self, adapter_id: str) -> None:
         """The LoadAdapter call for `adapter_id` is over (answered, failed or gone)."""
-        self._prefetching.discard(adapter_id)
-        if adapter_id not in self._wanted:
-            self._blocked.discard(adapter_id)
-            self._unreserve(adapter_id)
+        self.reservations.end_prefetch(adapter_id)
 
     def merge(self, adapter_id: str, pin: bool = True) -> bool:
         """LoadAdapter(merge=true): load into a device slot (pinned with `pin`) and merge; True once merged.
@@ -271,34 +259,6 @@ class AdapterCache:
         victim = min(idle, key=lambda s: (not s.draining, s.last_used))
         self._evict(victim)
         return victim
-
-    def _reserve_slot(self, owner: str) -> None:
-        """Every slot is held: stop leasing the one that frees soonest (fewest running requests).
-
-        One reservation at a time; the slots that are not reserved keep serving their
-        adapters, so a request waiting for a slot costs the batch one slot, not all.
-        The reservation belongs to `owner` (an adapter id) and lapses when nothing wants it.
-        """
-        for s in self.slots:
-            if s.draining and not self._owner_alive(s):
-                s.reserved_for = None
-        if any(s.draining for s in self.slots):
-            return
-        candidates = [s for s in self.slots if s.adapter is not None and not s.pinned and s.loading is None]
-        if candidates:
-            victim = min(candidates, key=lambda s: (s.refs, s.last_used))
-            victim.reserved_for = owner
-            log.info("reserving device slot %d (adapter %s) for a waiting request for %s", victim.index,
-                     victim.key[0], owner)
-
-    def _owner_alive(self, slot: Slot) -> bool:
-        owner = slot.reserved_for
-        return owner is not None and (owner in self._wanted or owner in self._prefetching)
-
-    def _unreserve(self, owner: str) -> None:
-        for s in self.slots:
-            if s.reserved_for == owner:
-                s.reserved_for = None
 
     def _evict(self, slot: Slot) -> None:
         self.merged.drop_slot(slot.index)
