@@ -13,7 +13,10 @@ from loramux.model import build_from_config, byte_tokenizer, tiny_llama_config  
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--soak-seconds", type=float, default=15.0, help="how long tests/test_soak.py drives the server (default 15)"
+        "--soak-requests",
+        type=int,
+        default=24,
+        help="requests each client thread of tests/test_soak.py sends (default 24)",
     )
 
 

@@ -2,8 +2,12 @@
 
 Client threads send unary and streaming requests (base model, LoRA, DoRA, IA3), cancel
 streams, send requests with deadlines too short to finish, while an admin thread
-overwrites, uploads, deletes, pins, loads and unloads adapters. `--soak-seconds`
-(default 15, so the test stays well under a minute) makes it longer.
+overwrites, uploads, deletes, pins, loads and unloads adapters. The work is fixed by
+seeds and counts, not by a clock: each client thread sends `--soak-requests` requests
+(default 24, in two halves), and the admin thread runs rounds of all four of its actions
+(in a seeded order) until the clients are done, at least one round per half. Only the
+interleaving depends on the machine, and no assertion depends on it. A larger
+`--soak-requests` makes it longer.
 
 It asserts: every completed output equals a PEFT reference (for an overwritten id, the
 reference of one of its versions, never a mix); no request with a long deadline runs
@@ -79,9 +83,9 @@ class Soak:
         msgs = [pb.UploadAdapterRequest(manifest=manifest), pb.UploadAdapterRequest(chunk=data)]
         self.s.adapters.UploadAdapter(iter(msgs), timeout=LONG)
 
-    def client(self, seed: int) -> None:
+    def client(self, seed: int, requests: int) -> None:
         rng = random.Random(seed)
-        while not self.stop.is_set():
+        for _ in range(requests):
             adapter = rng.choice(["", "lora", "dora", "ia3", "temp"])
             p = rng.randrange(len(PROMPTS))
             req = pb.GenerateRequest(adapter_id=adapter, prompt_token_ids=PROMPTS[p],
@@ -118,39 +122,44 @@ class Soak:
 
     def admin(self, seed: int) -> None:
         rng = random.Random(seed)
-        version = 0
-        while not self.stop.is_set():
-            action = rng.choice(["overwrite", "temp", "pin", "unload"])
-            try:
+        version = 0  # which of the two LoRAs "lora" holds
+        while not self.stop.is_set():  # checked per round: every action runs at least once
+            for action in rng.sample(["overwrite", "temp", "pin", "unload"], 4):
                 if action == "overwrite":
                     version ^= 1
-                    self.put("lora", ("lora-a", "lora-b")[version])
-                elif action == "temp":
-                    if rng.random() < 0.5:
-                        self.s.adapters.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id="temp"), timeout=LONG)
-                    else:
-                        self.put("temp", "temp")
-                elif action == "pin":
-                    self.s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="dora", pin=True), timeout=LONG)
-                else:
-                    self.s.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="dora"), timeout=LONG)
-                self.note(f"admin-{action}")
-            except grpc.RpcError as e:
-                if not (action == "temp" and e.code() == Code.NOT_FOUND):
-                    self.note("admin-failed", f"{action}: {e.code().name} {e.details()}")
-            self.stop.wait(rng.uniform(0.05, 0.3))
+                self.admin_action(rng, action, version)
+                self.stop.wait(rng.uniform(0.05, 0.3))  # a pause while clients run (none once they are done)
 
-    def run(self, seconds: float, seed: int) -> None:
+    def admin_action(self, rng: random.Random, action: str, version: int) -> None:
+        try:
+            if action == "overwrite":
+                self.put("lora", ("lora-a", "lora-b")[version])
+            elif action == "temp":
+                if rng.random() < 0.5:
+                    self.s.adapters.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id="temp"), timeout=LONG)
+                else:
+                    self.put("temp", "temp")
+            elif action == "pin":
+                self.s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="dora", pin=True), timeout=LONG)
+            else:
+                self.s.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="dora"), timeout=LONG)
+            self.note(f"admin-{action}")
+        except grpc.RpcError as e:
+            if not (action == "temp" and e.code() == Code.NOT_FOUND):
+                self.note("admin-failed", f"{action}: {e.code().name} {e.details()}")
+
+    def run(self, requests: int, seed: int) -> None:
+        """Five client threads send `requests` requests each; the admin thread runs until they are done."""
         self.stop.clear()
-        threads = [threading.Thread(target=self.client, args=(seed * 100 + i,)) for i in range(5)]
-        threads.append(threading.Thread(target=self.admin, args=(seed,)))
-        for t in threads:
+        clients = [threading.Thread(target=self.client, args=(seed * 100 + i, requests)) for i in range(5)]
+        admin = threading.Thread(target=self.admin, args=(seed,))
+        for t in [*clients, admin]:
             t.start()
-        self.stop.wait(seconds)
+        for t in clients:
+            t.join(LONG * requests)  # a bound that only a hang reaches (each request's deadline is LONG)
         self.stop.set()
-        for t in threads:
-            t.join(LONG * 2)
-        assert not any(t.is_alive() for t in threads), "a client thread hung"
+        admin.join(LONG * 8)
+        assert not any(t.is_alive() for t in [*clients, admin]), "a client thread hung"
 
 
 def scrape(s: ServerThread) -> dict[str, float]:
@@ -159,7 +168,7 @@ def scrape(s: ServerThread) -> dict[str, float]:
 
 
 def test_soak(tiny_llama_dir: Path, tmp_path: Path, reference_llama, request: pytest.FixtureRequest) -> None:
-    seconds = float(request.config.getoption("--soak-seconds"))
+    requests = int(request.config.getoption("--soak-requests"))
     files, models = {}, {}
     for i, (kind, cfg) in enumerate(KINDS.items()):
         models[kind] = make_peft_adapter(tiny_llama_config(), cfg, tmp_path / kind, seed=70 + i)
@@ -175,9 +184,9 @@ def test_soak(tiny_llama_dir: Path, tmp_path: Path, reference_llama, request: py
         for adapter_id, kind in (("lora", "lora-a"), ("dora", "dora"), ("ia3", "ia3"), ("temp", "temp")):
             soak.put(adapter_id, kind)
         before = scrape(s)
-        soak.run(seconds / 2, seed=1)
+        soak.run(max(1, requests // 2), seed=1)
         rss_half = rss_mb()
-        soak.run(seconds / 2, seed=2)
+        soak.run(max(1, requests - requests // 2), seed=2)
         rss_end = rss_mb()
         s.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="dora"), timeout=LONG)
         engine = s.engine
@@ -190,7 +199,7 @@ def test_soak(tiny_llama_dir: Path, tmp_path: Path, reference_llama, request: py
     assert not soak.failures, soak.failures[:10]
     seen = soak.seen
     print("soak:", dict(seen), "rss MB:", round(rss_half), "->", round(rss_end))
-    assert seen["ok"] and seen["admin-overwrite"], seen  # (how many of each kind ran depends on the machine)
+    assert seen["ok"] and seen["admin-overwrite"] and seen["admin-pin"] and seen["admin-unload"], seen
 
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
