@@ -208,6 +208,9 @@ def test_prompts_are_tokenized_off_the_event_loop_and_bounded_first(server):
         too_big = pb.GenerateRequest(prompt="x" * (gen.prompts.max_chars + 1))
         e = refusal(server.gen.Generate, too_big, timeout=60)
         assert e.code() == Code.INVALID_ARGUMENT and "characters" in e.details()
+        chat = pb.ChatMessage(role="user", content="x" * (gen.prompts.max_chars + 1))  # chat messages too
+        e = refusal(server.gen.Generate, pb.GenerateRequest(messages=[chat]), timeout=60)
+        assert e.code() == Code.INVALID_ARGUMENT and "characters" in e.details()
         assert not text.done()
     finally:
         gate.set()
