@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -14,6 +19,8 @@ import grpc
 from loramux.api.server import LoramuxServer
 from loramux.config import EngineConfig, ServerConfig
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class ServerThread:
@@ -124,3 +131,45 @@ class Hold:
 
     def __exit__(self, *exc: object) -> None:
         self._gate.set()
+
+
+class ServeProcess:
+    """`python -m loramux.cli serve` with JSON logs; stdout and stderr go to files
+    (a full pipe would block the server)."""
+
+    def __init__(self, model: Path, tmp: Path, *extra: str) -> None:
+        self.out, self.err = tmp / "stdout", tmp / "stderr"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "server")}
+        cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(model), "--store", str(tmp / "store"),
+               "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--log-format", "json",
+               *extra]
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp)
+        started = lambda: self.proc.poll() is not None or self._addresses() is not None  # noqa: E731
+        wait_until(started, "listening lines", timeout=180)
+        assert self.proc.poll() is None, self.err.read_text()
+        self.grpc_port, self.metrics_port = self._addresses()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        self.gen = pb_grpc.GenerationStub(self.channel)
+        self.adapters = pb_grpc.AdaptersStub(self.channel)
+
+    def _addresses(self) -> tuple[int, int] | None:
+        text = self.out.read_text()
+        g = re.search(r"^grpc listening on \S+:(\d+)$", text, re.M)
+        m = re.search(r"^metrics listening on \S+:(\d+)$", text, re.M)
+        return (int(g.group(1)), int(m.group(1))) if g and m else None
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.err.read_text().splitlines() if ln.strip()]
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no clean-up, as a crash or the OOM killer would stop it."""
+        self.proc.kill()
+        self.proc.wait()
+        self.channel.close()
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -13,11 +13,8 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import Hold, ServerThread, wait_until
+from harness import Hold, ServeProcess, ServerThread, wait_until
 from test_metrics_unit import EXPECTED, Scrape
 
 import loramux.api.server as server_mod
@@ -257,40 +254,6 @@ def _try(fn: Callable[[], int]) -> int | None:
 
 
 # ---- a real `loramux serve` process: SIGTERM / SIGINT --------------------------------
-
-
-class ServeProcess:
-    """`python -m loramux.cli serve` with JSON logs; stdout and stderr go to files
-    (a full pipe would block the server)."""
-
-    def __init__(self, model: Path, tmp: Path, *extra: str) -> None:
-        self.out, self.err = tmp / "stdout", tmp / "stderr"
-        env = {**os.environ, "PYTHONPATH": str(REPO / "server")}
-        cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(model), "--store", str(tmp / "store"),
-               "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--log-format", "json",
-               *extra]
-        with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp)
-        wait_for(lambda: self.proc.poll() is not None or self._addresses(), timeout=180, what="listening lines")
-        assert self.proc.poll() is None, self.err.read_text()
-        self.grpc_port, self.metrics_port = self._addresses()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-        self.gen = pb_grpc.GenerationStub(self.channel)
-
-    def _addresses(self) -> tuple[int, int] | None:
-        text = self.out.read_text()
-        g = re.search(r"^grpc listening on \S+:(\d+)$", text, re.M)
-        m = re.search(r"^metrics listening on \S+:(\d+)$", text, re.M)
-        return (int(g.group(1)), int(m.group(1))) if g and m else None
-
-    def json_lines(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.err.read_text().splitlines() if ln.strip()]
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
