@@ -1,78 +1,58 @@
-"""`make demo`: start loramux on the demo model, generate with and without adapters, stop it.
+"""`make demo`: serve the demo model, upload its two LoRAs through the API, complete one prompt three ways.
 
-Two small demo LoRA adapters (fixed seeds) are written into a temporary store in
-PEFT's on-disk format, so the same prompt gives three different outputs (base
-model, adapter 1, adapter 2), all computed in the same batches.
+The demo model and its adapters (server/loramux/demo/, made by scripts/train_demo.py
+from Python's own documentation and standard library source) are small, so their text
+is rough, but it is text: the base model writes a mix, `python-code` writes Python,
+`english-prose` writes documentation prose. The three requests are sent together, so
+the engine runs them in the same batches.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.torch import save_file
 
-from loramux.model import demo_config
+from loramux.model import demo_adapter_dirs
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
-
-def write_demo_lora(root: Path, adapter_id: str, seed: int, rank: int = 8) -> None:
-    """A PEFT-format LoRA on q/v of every layer of the demo model, with random weights."""
-    cfg = demo_config()
-    hidden = cfg.hidden_size
-    kv = cfg.num_key_value_heads * (hidden // cfg.num_attention_heads)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(cfg.num_hidden_layers):
-        for name, out in (("q_proj", hidden), ("v_proj", kv)):
-            prefix = f"base_model.model.model.layers.{i}.self_attn.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.3
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.3
-    d = root / adapter_id
-    d.mkdir(parents=True)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": ["q_proj", "v_proj"],
-        "bias": "none",
-    }
-    (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(tensors, str(d / "adapter_model.safetensors"))
+PROMPT = "The value of"
+CLI = [sys.executable, "-m", "loramux.cli"]
 
 
-def start_server(store: Path) -> tuple[subprocess.Popen, str, str]:
-    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-           "--store", str(store)]
+def start_server(store: Path) -> tuple[subprocess.Popen, str]:
+    ports = ["--port", "0", "--metrics-port", "0", "--http-port", "0"]  # free ports: never clash with a running server
+    cmd = [*CLI, "serve", "--model", "demo", *ports, "--store", str(store)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    grpc_addr = metrics_addr = ""
     deadline = time.monotonic() + 300
-    while not (grpc_addr and metrics_addr):
+    while True:
         line = proc.stdout.readline()
         if not line or time.monotonic() > deadline:
             raise SystemExit(f"server did not start (exit code {proc.poll()})")
         if line.startswith("grpc listening on "):
-            grpc_addr = line.split()[-1]
-        elif line.startswith("metrics listening on "):
-            metrics_addr = line.split()[-1]
-    return proc, grpc_addr, metrics_addr
+            # Keep reading the server's log so a full pipe never blocks it.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, line.split()[-1]
+
+
+def shown(path: Path) -> Path:
+    """`path` relative to the current directory when it is under it (as a user would type it)."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def wait_serving(channel: grpc.Channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    for _ in range(600):
+    for _ in range(3000):
         try:
             if stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
                 return
@@ -84,49 +64,34 @@ def wait_serving(channel: grpc.Channel) -> None:
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="loramux-demo-") as tmp:
-        store = Path(tmp)
-        write_demo_lora(store, "demo-lora-a", seed=1)
-        write_demo_lora(store, "demo-lora-b", seed=2)
-        proc, grpc_addr, metrics_addr = start_server(store)
-        print(f"server up: grpc {grpc_addr}, metrics http://{metrics_addr.replace('0.0.0.0', '127.0.0.1')}/metrics")
+        proc, addr = start_server(Path(tmp))
+        print(f"server up on {addr} (demo model)")
         try:
-            with grpc.insecure_channel(grpc_addr) as ch:
+            with grpc.insecure_channel(addr) as ch:
                 wait_serving(ch)
+                for name, path in demo_adapter_dirs().items():
+                    print(f"$ loramux upload {shown(path)} --id {name}", flush=True)
+                    subprocess.run([*CLI, "upload", str(path), "--id", name, "--server", addr], check=True)
                 gen = pb_grpc.GenerationStub(ch)
-                prompt = "Once upon a time"
-                params = pb.SamplingParams(max_new_tokens=24, ignore_eos=True)
-                print(f"\n== one prompt, three adapters, sent together: {prompt!r}")
-                with ThreadPoolExecutor(3) as pool:
-                    futs = {
-                        a or "(base)": pool.submit(
-                            gen.Generate, pb.GenerateRequest(adapter_id=a, prompt=prompt, params=params)
-                        )
-                        for a in ("", "demo-lora-a", "demo-lora-b")
-                    }
-                    outs = {k: f.result() for k, f in futs.items()}
-                for name, r in outs.items():
-                    print(f"{name:>12}: tokens {list(r.token_ids)[:12]}... text {r.text!r}")
-                distinct = len({tuple(r.token_ids) for r in outs.values()})
-                print(f"distinct outputs: {distinct} of 3 (the demo model has random weights, so the text is noise)")
-
-                print("\n== streaming with demo-lora-a (token ids as they arrive):")
-                for msg in gen.GenerateStream(
-                    pb.GenerateRequest(adapter_id="demo-lora-a", prompt=prompt, params=params)
-                ):
-                    print(list(msg.token_ids), end=" ", flush=True)
-                print(f"\nfinish: {pb.FinishReason.Name(msg.finish_reason)}, {msg.generated_tokens} tokens")
-
-                url = f"http://{metrics_addr.replace('0.0.0.0', '127.0.0.1')}/metrics"
-                text = urllib.request.urlopen(url, timeout=10).read().decode()
-                print("\n== a few metrics:")
-                for line in text.splitlines():
-                    if line.startswith(("loramux_requests_total", "loramux_generated_tokens_total",
-                                        "loramux_adapters_resident")):
-                        print("  " + line)
+                params = pb.SamplingParams(
+                    max_new_tokens=60, temperature=0.7, top_p=0.9, seed=1, repetition_penalty=1.15, ignore_eos=True
+                )
+                adapters = ["", *demo_adapter_dirs()]
+                print(f"\n== one prompt, base model and each adapter, sent together: {PROMPT!r}\n")
+                with ThreadPoolExecutor(len(adapters)) as pool:
+                    futures = [
+                        pool.submit(gen.Generate, pb.GenerateRequest(adapter_id=a, prompt=PROMPT, params=params))
+                        for a in adapters
+                    ]
+                    outs = [f.result() for f in futures]
+                for a, r in zip(adapters, outs):
+                    print(f"--- {a or 'base model'} ---")
+                    print("\n".join(line.rstrip() for line in textwrap.indent(PROMPT + r.text, "    ").splitlines()))
+                    print()
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
-            print(f"\nserver stopped (exit code {code})")
+            print(f"server stopped (exit code {code})")
     return 0 if code == 0 else 1
 
 

@@ -1,8 +1,10 @@
 """Load the frozen base model: a local Hugging Face directory or the built-in demo model.
 
-The demo model and the tests' tiny models are built from a config with a fixed
-seed and a byte-level tokenizer, so they are identical on every run and nothing
-is ever downloaded.
+The demo model is a small Llama trained on Python's own documentation and standard
+library source, with a BPE tokenizer; scripts/train_demo.py made it, and its files
+ship in the package (loramux/demo/model, with its two LoRA adapters beside it).
+The tests' tiny models are built from a config with a fixed seed and a byte-level
+tokenizer, so they are identical on every run. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -109,11 +111,12 @@ def build_from_config(config: LlamaConfig | GPT2Config, seed: int = 0) -> PreTra
     return model.eval()
 
 
-def demo_config() -> LlamaConfig:
-    """The built-in demo model: small enough for a laptop CPU, big enough to show batching."""
-    return tiny_llama_config(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=4, max_position_embeddings=2048
-    )
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
+def demo_adapter_dirs() -> dict[str, Path]:
+    """The demo model's LoRA adapters (PEFT directories), by name."""
+    return {p.name: p for p in sorted((DEMO_DIR / "adapters").iterdir()) if p.is_dir()}
 
 
 @dataclass
@@ -168,17 +171,12 @@ def load_base_model(path: str = "demo", device: str = "auto", dtype: str = "auto
     """Load `path` (a local HF causal LM directory) or the demo model, frozen, on `device`."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if path == "demo":
-        model = build_from_config(demo_config(), seed=0)
-        tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
-        name = "demo"
-    else:
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise ValueError(f"--model {path!r} is not a model directory (no config.json)")
-        # local_files_only: there is no model hub here, and a path never means a hub id.
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dt, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        name = p.name
+    p = DEMO_DIR / "model" if path == "demo" else Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model {path!r} is not a model directory (no config.json)")
+    # local_files_only: there is no model hub here, and a path never means a hub id.
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dt, local_files_only=True)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    name = "demo" if path == "demo" else p.name
     model = freeze(model.to(device=dev, dtype=dt))
     return BaseModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, name=name)
