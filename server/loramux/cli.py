@@ -1,4 +1,4 @@
-"""loramux serve | generate | upload | adapters | bench."""
+"""loramux serve | cluster | generate | upload | adapters | bench."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
-    for module in ("loramux.cli_admin", "loramux.bench.cli"):
+    for module in ("loramux.cluster.cli", "loramux.cli_admin", "loramux.bench.cli"):
         try:
             mod = importlib.import_module(module)
         except ImportError:  # optional command groups (registry, bench) not installed

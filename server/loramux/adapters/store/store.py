@@ -95,6 +95,7 @@ class AdapterStore:
         self._id_locks: dict[str, list[Any]] = {}  # id -> [RLock, users]
         self._active_staging: set[str] = set()
         self._version = 0
+        self._seen: dict[str, tuple[int, int]] = {}  # id -> (inode, mtime_ns) of the manifest refresh() read
 
     # ---- reads -------------------------------------------------------------
 
@@ -135,6 +136,56 @@ class AdapterStore:
             with self._lock:
                 self._records[adapter_id] = record
             return record
+
+    # ---- other writers (one store shared by many processes) ------------------
+
+    def refresh(self, adapter_id: str) -> StoredAdapter | None:
+        """Re-read `adapter_id` if another process published or deleted it; its record, or None.
+
+        Each replica of a cluster has its own AdapterStore over one shared directory;
+        its records change only through its own uploads and deletes. Another process
+        publishes by renaming a complete directory in place, which gives the manifest a
+        new inode, so one stat tells whether this process's record is current.
+        """
+        validate_adapter_id(adapter_id)
+        path = self.root / adapter_id
+        with self._id_lock(adapter_id):
+            try:
+                st = (path / MANIFEST_FILE).stat()
+                seen = (st.st_ino, st.st_mtime_ns)
+            except FileNotFoundError:
+                seen = None
+            with self._lock:
+                record = self._records.get(adapter_id)
+                if seen is not None and record is not None and self._seen.get(adapter_id) == seen:
+                    return record
+            if seen is None and not path.is_dir():
+                record = None
+            else:
+                try:
+                    record = self._load_dir(adapter_id, None)
+                    st = (path / MANIFEST_FILE).stat()  # _load_dir may have (re)written it
+                    seen = (st.st_ino, st.st_mtime_ns)
+                except (OSError, ValueError) as e:  # unusable as it is now: serve it no more
+                    log.warning("adapter store: %s is unusable: %s", adapter_id, e)
+                    record = None
+            with self._lock:
+                if record is None:
+                    self._records.pop(adapter_id, None)
+                    self._seen.pop(adapter_id, None)
+                else:
+                    self._records[adapter_id] = record
+                    self._seen[adapter_id] = seen
+            return record
+
+    def refresh_all(self) -> list[StoredAdapter]:
+        """`refresh` every id on disk or in the records (for a listing); returns `list()`."""
+        with self._lock:
+            ids = set(self._records)
+        ids.update(e.name for e in self.root.iterdir() if ADAPTER_ID_RE.fullmatch(e.name) and e.is_dir())
+        for adapter_id in sorted(ids):
+            self.refresh(adapter_id)
+        return self.list()
 
     # ---- startup -----------------------------------------------------------
 
