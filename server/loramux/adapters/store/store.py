@@ -23,6 +23,8 @@ from typing import Any
 
 from loramux.adapters.formats.detect import CONFIG_FILE
 from loramux.adapters.store.layout import (
+    ADAPTER_ID_RE,
+    MANIFEST_FILE,
     REPLACED_PREFIX,
     SHA256_RE,
     STAGING,
