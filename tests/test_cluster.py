@@ -161,6 +161,24 @@ def test_upload_and_overwrite_are_seen_by_every_replica(cluster, single, store, 
         assert e.value.code() == Code.NOT_FOUND
 
 
+def test_a_client_that_goes_away_frees_its_request_on_the_replica(cluster, owners):
+    adapter = ADAPTERS[1]
+    metrics = cluster.replica_metrics[owners[adapter]]
+
+    def ended() -> tuple[float, float]:
+        text = scrape(metrics)
+        return tuple(sample(text, "loramux_requests_total", status=s) for s in ("cancelled", "ok"))
+
+    cancelled, ok = ended()
+    stream = cluster.gen.GenerateStream(request(adapter, PROMPTS[3], 500), timeout=300)
+    next(stream)
+    stream.cancel()
+    while ended() == (cancelled, ok):  # the replica's engine ends it: a state, not a time
+        time.sleep(0.1)
+    assert ended() == (cancelled + 1, ok)
+    assert sample(scrape(metrics), "loramux_requests_running") == 0
+
+
 def _replicas(cluster: ClusterProcess) -> dict[int, int]:
     """rank -> pid of every live replica, from the cluster's `loramux_cluster_replica` series."""
     found = re.findall(r"loramux_cluster_replica\{([^}]*)\} 1\.0", scrape(cluster.metrics))

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from loramux.api.auth import AdminAuth
+from loramux.api.auth import AdminAuth, AdminAuthInterceptor
 from loramux.cluster.config import ClusterConfig
 from loramux.cluster.replica import Outcome
 from loramux.cluster.router_metrics import router_state
@@ -135,8 +135,8 @@ class AdaptersFront(pb_grpc.AdaptersServicer):
     """Every Adapters call goes to the adapter's own replica (a listing: the least loaded).
     Replicas share the store, so a mutation done on one is what every other one reads next."""
 
-    def __init__(self, forward: Forwarder, auth: AdminAuth, max_adapter_bytes: int) -> None:
-        self.forward, self.auth, self.max_bytes = forward, auth, max_adapter_bytes
+    def __init__(self, forward: Forwarder, max_adapter_bytes: int) -> None:
+        self.forward, self.max_bytes = forward, max_adapter_bytes
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, request: Any, reply: type) -> Any:
         key = getattr(request, "adapter_id", "")
@@ -146,7 +146,7 @@ class AdaptersFront(pb_grpc.AdaptersServicer):
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context: grpc.aio.ServicerContext
     ) -> pb.Adapter:
-        await self.auth.check(context)  # before buffering anyone's bytes (the replica checks again)
+        # The front's interceptor refused it already without the admin token (the replica checks again).
         messages: list[bytes] = []
         key, size = "", 0
         async for msg in request_iterator:
@@ -188,15 +188,16 @@ class Front:
         self.config, self.cluster = config, cluster
         self.state = router_state(cluster.replica_deployment)
         msg = config.max_message_mb * MB
+        # The same interceptor as one server's: no upload is buffered here without the admin token.
         self.grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", msg), ("grpc.max_send_message_length", msg)]
+            options=[("grpc.max_receive_message_length", msg), ("grpc.max_send_message_length", msg)],
+            interceptors=[AdminAuthInterceptor(AdminAuth.from_file(config.admin_token_file))],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         forward = Forwarder(replicas)
         pb_grpc.add_GenerationServicer_to_server(GenerationFront(forward), self.grpc)
-        auth = AdminAuth.from_file(config.admin_token_file)
-        pb_grpc.add_AdaptersServicer_to_server(AdaptersFront(forward, auth, int(config.max_adapter_mb * MB)), self.grpc)
+        pb_grpc.add_AdaptersServicer_to_server(AdaptersFront(forward, int(config.max_adapter_mb * MB)), self.grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), self.grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None:
