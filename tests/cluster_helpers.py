@@ -20,7 +20,7 @@ from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 START_WAIT_S = 900.0  # Ray and two model loads on a shared 2-core machine: minutes, not seconds
-LINE = re.compile(r"^(replica (\d+) metrics|metrics|grpc|ray cluster) (?:listening on|at) (\S+)$")
+LINE = re.compile(r"^(replica (\d+) metrics|metrics|grpc|http|ray cluster) (?:listening on|at) (\S+)$")
 
 
 class ClusterProcess:
@@ -36,7 +36,7 @@ class ClusterProcess:
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()  # Ray's logs must never fill the pipe
         self.replica_metrics: dict[int, str] = {}
-        self.grpc = self.metrics = self.ray_address = ""
+        self.grpc = self.http = self.metrics = self.ray_address = ""
         deadline = time.monotonic() + START_WAIT_S
         while not self.grpc:
             try:
@@ -56,6 +56,8 @@ class ClusterProcess:
                 self.metrics = address
             elif what == "grpc":
                 self.grpc = address
+            elif what == "http":
+                self.http = address
             else:
                 self.ray_address = address
         self.channel = grpc.insecure_channel(self.grpc)

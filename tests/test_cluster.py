@@ -1,9 +1,11 @@
 """`loramux cluster` on a real Ray cluster: 2 replicas (1 torch thread each) behind one front.
 
 One cluster for the module (Ray and two model loads cost about a minute here); the
-tests run in order on it: a cold burst, warm affinity and saturation, uploads and
-overwrites through the cluster, and last a replica killed under load. The oracle
-is a single loramux server over a copy of the same store.
+tests run in order on it: a cold burst, warm affinity and saturation, the
+OpenAI-compatible HTTP API (the official `openai` client) through the same
+router, uploads and overwrites through the cluster, clients that go away, and
+last a replica killed under load. The oracle is a single loramux server over a
+copy of the same store.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from collections import defaultdict
 
 import grpc
+import httpx
+import openai
 import pytest
 
 pytest.importorskip("ray.serve")
@@ -24,6 +28,7 @@ from harness import ServerThread
 from peft import LoraConfig
 from peft_helpers import make_peft_adapter
 from registry_helpers import AUTH, TOKEN, Adapter, upload
+from test_chat import MESSAGES
 
 from loramux.model import tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
@@ -34,6 +39,8 @@ MAX_ONGOING = 40  # a cold burst of 40 never saturates a replica, even one that 
 N = 8  # new tokens per request
 LONG = 200  # new tokens of requests that must overlap to saturate a replica
 Code = grpc.StatusCode
+API_KEY = "sk-cluster-test"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +53,30 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(store, tiny_llama_dir, tmp_path_factory):
+def single(store, chat_llama_dir, tmp_path_factory):
     """One loramux server over a copy of the store: the outputs the cluster must give."""
-    with ServerThread(tiny_llama_dir, store=copy_store(store, tmp_path_factory.mktemp("single") / "s")) as s:
+    with ServerThread(chat_llama_dir, store=copy_store(store, tmp_path_factory.mktemp("single") / "s")) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def cluster(store, tiny_llama_dir, tmp_path_factory):
-    token = tmp_path_factory.mktemp("token") / "token"
-    token.write_text(TOKEN + "\n")
+def cluster(store, chat_llama_dir, tmp_path_factory):
+    secrets = tmp_path_factory.mktemp("secrets")
+    (secrets / "token").write_text(TOKEN + "\n")
+    (secrets / "key").write_text(API_KEY + "\n")
     c = ClusterProcess(
-        ["--model", str(tiny_llama_dir), "--store", str(store), "--device", "cpu", "--replicas", "2", "--threads", "1",
-         "--port", "0", "--metrics-port", "0", "--max-ongoing-requests", str(MAX_ONGOING),
-         "--admin-token-file", str(token)]
+        ["--model", str(chat_llama_dir), "--store", str(store), "--device", "cpu", "--replicas", "2", "--threads", "1",
+         "--port", "0", "--metrics-port", "0", "--http-port", "0", "--max-ongoing-requests", str(MAX_ONGOING),
+         "--admin-token-file", str(secrets / "token"), "--api-key-file", str(secrets / "key")]
     )  # fmt: skip
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(cluster):
+    with openai.OpenAI(base_url=f"http://{cluster.http}/v1", api_key=API_KEY, max_retries=0, timeout=300) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +140,54 @@ def test_warm_traffic_keeps_affinity_and_saturation_spills(cluster, single, owne
     assert loads[other] <= loads_before[other] + 1  # loaded once where it spilled, however many spilled
 
 
+def test_http_api_through_the_same_router(cluster, single, owners, oai):
+    models = {m.id: m for m in oai.models.list().data}
+    served = next(m.id for m in models.values() if m.parent is None)
+    assert set(models) == {served, *ADAPTERS}
+    assert all(models[a].parent == served for a in ADAPTERS)
+
+    loads_before = total_loads(cluster)
+    for i, a in enumerate(ADAPTERS):  # each adapter's calls go to its replica of the gRPC burst: nothing loads
+        want = single.gen.Generate(request(a, PROMPTS[i], N), timeout=120)
+        raw = oai.completions.with_raw_response.create(model=a, prompt=PROMPTS[i], max_tokens=N, **GREEDY)
+        assert int(raw.headers["loramux-replica"]) == owners[a]
+        got = raw.parse()
+        assert got.choices[0].text == want.text and got.choices[0].finish_reason == "length"
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(PROMPTS[i]), N)
+    assert total_loads(cluster) == loads_before
+
+    want = single.gen.Generate(request("", PROMPTS[9], N), timeout=120)  # the base model, by its served name
+    assert oai.completions.create(model=served, prompt=PROMPTS[9], max_tokens=N, **GREEDY).choices[0].text == want.text
+
+    # A chat stream comes through as server-sent events, one per token as it is made, with its usage chunk.
+    chat = pb.GenerateRequest(
+        adapter_id=ADAPTERS[2], messages=[pb.ChatMessage(**m) for m in MESSAGES],
+        params=pb.SamplingParams(max_new_tokens=24, ignore_eos=True),
+    )  # fmt: skip
+    want = single.gen.Generate(chat, timeout=120)
+    chunks = list(
+        oai.chat.completions.create(
+            model=ADAPTERS[2], messages=MESSAGES, max_tokens=24, stream=True, stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )  # fmt: skip
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == want.text
+    assert len([d for d in deltas if d]) > 1  # streamed, not one answer at the end
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == want.prompt_tokens
+
+    # The replica's own errors and statuses, unchanged.
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=ADAPTERS[0], prompt="x", max_tokens=2, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with openai.OpenAI(base_url=f"http://{cluster.http}/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert httpx.get(f"http://{cluster.http}/health", timeout=60).status_code == 200
+
+
 def _until_both_replicas_serve(cluster, adapter: str, want: list[int]) -> None:
     """Bursts of overlapping requests until both replicas served `adapter`; every answer is `want`."""
     seen: set[int] = set()
@@ -174,6 +236,18 @@ def test_a_client_that_goes_away_frees_its_request_on_the_replica(cluster, owner
     next(stream)
     stream.cancel()
     while ended() == (cancelled, ok):  # the replica's engine ends it: a state, not a time
+        time.sleep(0.1)
+    assert ended() == (cancelled + 1, ok)
+    assert sample(scrape(metrics), "loramux_requests_running") == 0
+
+    # The same over HTTP: a stream closed after its first event is cancelled on the replica.
+    cancelled, ok = ended()
+    body = {"model": adapter, "prompt": PROMPTS[4], "max_tokens": 500, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"http://{cluster.http}/v1/completions", json=body, headers=headers, timeout=300) as r:
+        assert r.status_code == 200 and r.headers["loramux-replica"] == str(owners[adapter])
+        assert next(r.iter_lines()).startswith("data: ")
+    while ended() == (cancelled, ok):
         time.sleep(0.1)
     assert ended() == (cancelled + 1, ok)
     assert sample(scrape(metrics), "loramux_requests_running") == 0

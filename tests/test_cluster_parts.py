@@ -1,5 +1,6 @@
 """The cluster's parts that need no Ray cluster: one store shared by two processes' views,
-rendezvous hashing, the settings a Serve config passes, and the application it builds."""
+rendezvous hashing, the HTTP front's routing key, the settings a Serve config passes,
+and the application it builds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from test_store import lora_validator, upload, weights
 
 from loramux.adapters.store.store import AdapterStore
 from loramux.cluster.config import ClusterConfig, configs_from_mapping
+from loramux.cluster.http_front import route_key
 from loramux.cluster.rendezvous import rendezvous_order
 
 
@@ -63,6 +65,20 @@ def test_settings_from_a_serve_config() -> None:
         configs_from_mapping({"replicas": 0})
     with pytest.raises(ValueError, match="max_running"):
         configs_from_mapping({"max_running": -1})
+
+
+def test_the_http_front_routes_on_the_adapter_a_call_names() -> None:
+    body = b'{"model": "lora-1", "prompt": "x"}'
+    assert route_key("POST", "/v1/completions", body, "base") == "lora-1"
+    assert route_key("POST", "/v1/chat/completions", b'{"model": "a", "messages": []}', "base") == "a"
+    assert route_key("POST", "/v1/load_lora_adapter", b'{"lora_name": "n", "lora_path": "p"}', "base") == "n"
+    assert route_key("POST", "/v1/unload_lora_adapter", b'{"lora_name": "n"}', "base") == "n"
+    # The base model, listings, health and bodies the replica refuses have no adapter: the least loaded.
+    assert route_key("POST", "/v1/completions", b'{"model": "base", "prompt": "x"}', "base") == ""
+    assert route_key("GET", "/v1/models", b"", "base") == ""
+    assert route_key("GET", "/health", b"", "base") == ""
+    for bad in (b"not json", b"[1, 2]", b'{"model": 3}', b""):
+        assert route_key("POST", "/v1/completions", bad, "base") == ""
 
 
 def test_the_application_has_a_front_and_the_replicas(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def absolute_paths(config: ServerConfig) -> ServerConfig:
     return dataclasses.replace(
         config, model=model, store=resolve(config.store), admin_token_file=resolve(config.admin_token_file),
         tls_cert=resolve(config.tls_cert), tls_key=resolve(config.tls_key),
+        api_key_file=resolve(config.api_key_file), allowed_adapter_dir=resolve(config.allowed_adapter_dir),
     )  # fmt: skip
 
 

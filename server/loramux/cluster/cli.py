@@ -1,4 +1,4 @@
-"""`loramux cluster`: N engine replicas on Ray Serve behind one gRPC port.
+"""`loramux cluster`: N engine replicas on Ray Serve behind one gRPC port and one HTTP port.
 
 Ray is imported only when the command runs, so `loramux --help` works without the
 `loramux[ray]` extra.
@@ -86,6 +86,8 @@ def run(a: argparse.Namespace) -> int:
             print(f"replica {replica['rank']} metrics listening on {replica['metrics']}", flush=True)
         addresses = front.addresses.remote().result()
         print(f"metrics listening on {addresses['metrics']}", flush=True)
+        if "http" in addresses:
+            print(f"http listening on {addresses['http']}", flush=True)
         print(f"grpc listening on {addresses['grpc']}", flush=True)
         stop.wait()
         serve.delete(APP_NAME)  # each replica drains (its __del__) before it stops

@@ -15,6 +15,7 @@ from loramux.config import EngineConfig, ServerConfig
 APP_NAME = "loramux"
 REPLICA_DEPLOYMENT = "LoramuxReplica"
 FRONT_DEPLOYMENT = "LoramuxFront"
+REPLICA_HEADER = "loramux-replica"  # the rank of the replica that answered (gRPC trailer, HTTP header)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The cluster's front: the gRPC contract on one port, every call forwarded through Ray.
+"""The cluster's front: the gRPC contract on one port (and the HTTP API on another,
+http_front.py), every call forwarded through Ray.
 
 A thin Ray Serve deployment (one replica, no CPU of its own) runs a gRPC server
 with the `Generation` and `Adapters` services, health and reflection. Each call
@@ -26,32 +27,20 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from loramux.api.auth import AdminAuth, AdminAuthInterceptor
-from loramux.cluster.config import ClusterConfig
+from loramux.cluster.config import REPLICA_HEADER, ClusterConfig
+from loramux.cluster.failures import ray_status
+from loramux.cluster.http_front import create_front_app
 from loramux.cluster.replica import Outcome
 from loramux.cluster.router_metrics import router_state
 from loramux.config import ServerConfig
+from loramux.http.frontend import HttpFrontend
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 log = logging.getLogger("loramux.cluster")
 
 MB = 1024 * 1024
-REPLICA_HEADER = "loramux-replica"
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
-
-
-def ray_status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The contract's status for a failure of Ray itself (not of the replica's server)."""
-    from ray.exceptions import ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(e, (RayActorError, ActorUnavailableError)):
-        return grpc.StatusCode.UNAVAILABLE, f"the replica serving this call failed: {type(e).__name__}"
-    if isinstance(e, DeploymentUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, "no replica is available"
-    if isinstance(e, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica is saturated and the cluster's queue is full"
-    return None
 
 
 class Forwarder:
@@ -212,6 +201,11 @@ class Front:
                                                   registry=self.state.registry)  # fmt: skip
         self.metrics_port = int(self._metrics_http.server_address[1])
         await replicas.info.remote()  # the first call starts the handle's router, and so its view of the replicas
+        self.http: HttpFrontend | None = None
+        self.http_port = 0
+        if config.http_port >= 0:
+            self.http = HttpFrontend(create_front_app(replicas, self.served_name), config.host, config.http_port)
+            self.http_port = await self.http.start()
         await self.grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -219,7 +213,18 @@ class Front:
                  self.metrics_host, self.metrics_port)  # fmt: skip
 
     def addresses(self) -> dict[str, str]:
-        return {"grpc": f"{self.config.host}:{self.port}", "metrics": f"{self.metrics_host}:{self.metrics_port}"}
+        """Where the front listens: `grpc`, `metrics` and (unless --http-port -1) `http`."""
+        out = {"grpc": f"{self.config.host}:{self.port}", "metrics": f"{self.metrics_host}:{self.metrics_port}"}
+        if self.http is not None:
+            out["http"] = f"{self.config.host}:{self.http_port}"
+        return out
+
+    def served_name(self) -> str:
+        """The base model's id over HTTP, as the replicas serve it (the same config: the same name)."""
+        for m in self.state.replicas.values():
+            if m.get("served_model_name"):
+                return str(m["served_model_name"])
+        return self.config.served_model_name
 
     def replicas(self) -> list[dict[str, Any]]:
         """What the router knows of each live replica (rank, metrics address, pid), by rank."""
@@ -228,6 +233,8 @@ class Front:
     async def __del__(self) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self.http.stop(self.config.drain_timeout)
         await self.grpc.stop(self.config.drain_timeout)
         self._metrics_http.shutdown()
         self._metrics_http.server_close()

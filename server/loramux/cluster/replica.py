@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import grpc
+import httpx
 
 from loramux.config import ServerConfig
+from loramux.http.errors import error_body
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -64,9 +67,11 @@ class ReplicaServer:
         torch.set_num_threads(threads)
         self.rank = int(serve.get_replica_context().rank.rank)
         metrics_host = config.metrics_host or config.host
+        # Its gRPC and HTTP ports on loopback, picked free: only this process's forwarding reaches them.
         local = dataclasses.replace(
-            config, host="127.0.0.1", port=0, metrics_host=metrics_host, metrics_port=0, tls_cert=None, tls_key=None
-        )
+            config, host="127.0.0.1", port=0, http_port=0 if config.http_port >= 0 else -1,
+            metrics_host=metrics_host, metrics_port=0, tls_cert=None, tls_key=None,
+        )  # fmt: skip
         self.server = LoramuxServer(local)
         await self.server.start()
         self.metrics_address = f"{_reachable(metrics_host)}:{self.server.metrics_port}"
@@ -77,13 +82,24 @@ class ReplicaServer:
         )
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
+        self.http: httpx.AsyncClient | None = None
+        if self.server.http_port:
+            # No read timeout: a stream lasts as long as its generation (deadlines are the server's).
+            self.http = httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{self.server.http_port}",
+                timeout=httpx.Timeout(None, connect=30.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
         log.info("replica %d serving; metrics on %s", self.rank, self.metrics_address)
 
     # ---- Ray Serve hooks ---------------------------------------------------------
 
     def record_replica_metadata(self) -> dict[str, Any]:
         """Static facts the router (and so the front and `loramux cluster`) reads."""
-        return {"rank": self.rank, "metrics": self.metrics_address, "pid": os.getpid()}
+        return {
+            "rank": self.rank, "metrics": self.metrics_address, "pid": os.getpid(),
+            "served_model_name": self.server.http_state.served_name,
+        }  # fmt: skip
 
     async def check_health(self) -> None:
         if self.server.engine is None or self.server._stopped.is_set():
@@ -91,6 +107,8 @@ class ReplicaServer:
 
     async def __del__(self) -> None:  # Ray Serve calls it on a graceful shutdown
         await self.server.drain()
+        if self.http is not None:
+            await self.http.aclose()
 
     # ---- what the front calls (route_key is read by the router only) -------------
 
@@ -130,6 +148,32 @@ class ReplicaServer:
         if reqs and reqs[0].WhichOneof("payload") == "manifest":
             await self._sync(reqs[0].manifest.adapter_id)
         return await self._unary(self.adapters.UploadAdapter, iter(reqs), metadata, timeout)
+
+    async def http_call(
+        self, method: str, target: str, headers: Metadata, body: bytes, route_key: str = ""
+    ) -> AsyncIterator[tuple[int, int, list[tuple[str, str]]] | bytes]:
+        """One HTTP request to this replica's own OpenAI-compatible server: first (rank, status,
+        headers), then the body in the chunks the server wrote (each SSE event as it is made)."""
+        if self.http is None:
+            raise RuntimeError("the cluster runs without its HTTP API (--http-port -1)")
+        if target.startswith("/v1/models"):
+            await asyncio.get_running_loop().run_in_executor(None, self._refresh_all)
+        else:
+            await self._sync(route_key)
+        try:
+            response = await self.http.send(self.http.build_request(method, target, headers=headers, content=body),
+                                            stream=True)  # fmt: skip
+        except httpx.TransportError as e:  # its server stopped (the replica is draining)
+            yield self.rank, 503, [("content-type", "application/json")]
+            body = error_body(f"replica {self.rank} is not serving: {e!r}", grpc.StatusCode.UNAVAILABLE)
+            yield json.dumps(body).encode()
+            return
+        try:
+            yield self.rank, response.status_code, list(response.headers.items())
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()  # early, when the front went away: the server sees the disconnect
 
     def info(self) -> dict[str, Any]:
         return self.record_replica_metadata()
