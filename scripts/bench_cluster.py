@@ -5,9 +5,11 @@ One Ray cluster on this machine runs two applications built by loramux.cluster.a
 count. The same requests (the bench's mixed workload: LoRA adapters, uniform
 popularity, a closed loop of clients) go to each in interleaved rounds; the
 script prints every round's throughput, the ratio two/one per round and its
-median, the adapter loads of each replica and the router's spill count.
+median, the adapter loads of each replica and the router's spill count. With
+`--api http` the same requests stream over the OpenAI-compatible API through the
+cluster's HTTP front instead of gRPC.
 
-    .venv/bin/python scripts/bench_cluster.py --rounds 3
+    .venv/bin/python scripts/bench_cluster.py --rounds 3 [--api http]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ray
 from ray import serve
 
 from loramux.bench.client import run_requests
+from loramux.bench.http_client import run_http_requests
 from loramux.bench.synthetic import AdapterSpec, ModelShape, write_adapter, write_synthetic_model
 from loramux.bench.workload import WorkloadSpec, make_requests
 from loramux.cluster.app import build
@@ -54,6 +57,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-ongoing-requests", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--api", choices=["grpc", "http"], default="grpc", help="the front the clients call")
     a = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="loramux-bench-cluster-"))
@@ -69,19 +73,24 @@ def main() -> None:
     serve.start(proxy_location="Disabled")
     fronts = {}
     for name, replicas in (("one", 1), ("two", 2)):
-        config = ServerConfig(model=str(model), store=work / "store", port=0, metrics_port=0, device="cpu",
-                              engine=EngineConfig())  # fmt: skip
+        config = ServerConfig(model=str(model), store=work / "store", port=0, metrics_port=0, http_port=0,
+                              device="cpu", engine=EngineConfig())  # fmt: skip
         cluster = ClusterConfig(replicas=replicas, max_ongoing_requests=a.max_ongoing_requests, threads=a.threads)
         fronts[name] = serve.run(build(config, cluster), name=name, route_prefix=None)
     addresses = {n: f.addresses.remote().result() for n, f in fronts.items()}
 
+    def run(n: str):  # noqa: ANN202
+        if a.api == "http":
+            return run_http_requests(f"http://{addresses[n]['http']}", n, requests, a.clients)
+        return run_requests(addresses[n]["grpc"], n, requests, a.clients)
+
     # A first, untimed pass over every configuration: cold adapter loads are not throughput.
     for n in fronts:
-        run_requests(addresses[n]["grpc"], n, requests, a.clients)
+        run(n)
     rounds: dict[str, list[float]] = {"one": [], "two": []}
     for _ in range(a.rounds):
         for n in fronts:
-            r = run_requests(addresses[n]["grpc"], n, requests, a.clients)
+            r = run(n)
             assert not r.errors, r.errors[:3]
             rounds[n].append(r.throughput)
     ratios = [t / o for o, t in zip(rounds["one"], rounds["two"])]
@@ -93,6 +102,7 @@ def main() -> None:
         }
     spilled = {n: sample(scrape(addresses[n]["metrics"]), "loramux_cluster_spilled_total") for n in fronts}
     print(json.dumps({
+        "api": a.api,
         "workload": {"preset": a.preset, "adapters": a.adapters, "rank": a.rank, "requests": a.requests,
                      "clients": a.clients, "threads_per_replica": a.threads,
                      "max_ongoing_requests": a.max_ongoing_requests},
