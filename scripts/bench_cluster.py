@@ -74,8 +74,8 @@ def main() -> None:
     fronts = {}
     for name, replicas in (("one", 1), ("two", 2)):
         config = ServerConfig(model=str(model), store=work / "store", port=0, metrics_port=0, http_port=0,
-                              device="cpu", engine=EngineConfig())  # fmt: skip
-        cluster = ClusterConfig(replicas=replicas, max_ongoing_requests=a.max_ongoing_requests, threads=a.threads)
+                              device="cpu", threads=a.threads, engine=EngineConfig())  # fmt: skip
+        cluster = ClusterConfig(replicas=replicas, max_ongoing_requests=a.max_ongoing_requests)
         fronts[name] = serve.run(build(config, cluster), name=name, route_prefix=None)
     addresses = {n: f.addresses.remote().result() for n, f in fronts.items()}
 

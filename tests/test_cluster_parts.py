@@ -93,3 +93,4 @@ def test_the_application_has_a_front_and_the_replicas(tmp_path: Path) -> None:
     assert replica.max_ongoing_requests == 7
     assert replica._deployment_config.request_router_config.get_request_router_class() is AdapterAffinityRouter
     assert front.init_args[1].store == tmp_path.resolve()  # replicas run elsewhere: absolute paths
+    assert replica.init_args[0].threads == 1 and replica.ray_actor_options["num_cpus"] == 1  # threads per replica

@@ -11,7 +11,7 @@ or, in a Serve config file (`serve deploy config.yaml`, `serve run config.yaml`)
         args: {model: /models/base, store: /shared/adapters, replicas: 4, max_ongoing_requests: 16}
 
 `args` takes every `loramux serve` flag and the cluster's own (`replicas`,
-`max_ongoing_requests`, `threads`), by their field names. `loramux cluster` builds
+`max_ongoing_requests`), by their field names; `threads` is per replica. `loramux cluster` builds
 the same application from its command line.
 """
 
@@ -34,8 +34,8 @@ from loramux.config import ServerConfig
 
 def build(config: ServerConfig, cluster: ClusterConfig) -> serve.Application:
     """The application for validated configs."""
-    config = absolute_paths(config)
-    threads = cluster.threads_per_replica
+    threads = cluster.threads_per_replica(config.threads)
+    config = dataclasses.replace(absolute_paths(config), threads=threads)
     replica = serve.deployment(
         name=cluster.replica_deployment,
         num_replicas=cluster.replicas,
@@ -54,7 +54,7 @@ def build(config: ServerConfig, cluster: ClusterConfig) -> serve.Application:
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=config.drain_timeout + 5,
     )(Front)
-    return front.bind(replica.bind(config, threads), config, cluster)
+    return front.bind(replica.bind(config), config, cluster)
 
 
 def absolute_paths(config: ServerConfig) -> ServerConfig:

@@ -34,20 +34,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=d.max_ongoing_requests,
         help="requests one replica holds at most; at this many it is saturated and requests spill",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="torch threads (and Ray CPUs) per replica; 0 = the cores divided by the replicas",
-    )
     p.add_argument("--ray-address", default=d.ray_address, help="join this Ray cluster (default: start one here)")
+    for action in p._actions:  # serve's --threads, read per replica
+        if "--threads" in action.option_strings:
+            action.help = "torch threads (and Ray CPUs) of each replica; 0 = the cores divided by the replicas"
     p.set_defaults(func=run)
 
 
 def cluster_config_from_args(a: argparse.Namespace) -> ClusterConfig:
-    return ClusterConfig(
-        replicas=a.replicas, max_ongoing_requests=a.max_ongoing_requests, threads=a.threads, ray_address=a.ray_address
-    )
+    return ClusterConfig(replicas=a.replicas, max_ongoing_requests=a.max_ongoing_requests, ray_address=a.ray_address)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -76,7 +71,7 @@ def run(a: argparse.Namespace) -> int:
     if cluster.ray_address:
         ray.init(address=cluster.ray_address, logging_level="WARNING")
     else:
-        cpus = max(os.cpu_count() or 1, cluster.replicas * cluster.threads_per_replica)
+        cpus = max(os.cpu_count() or 1, cluster.replicas * cluster.threads_per_replica(config.threads))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     print(f"ray cluster at {ray.get_runtime_context().gcs_address}", flush=True)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ REPLICA_HEADER = "loramux-replica"  # the rank of the replica that answered (gRP
 class ClusterConfig:
     replicas: int = 2  # engine replicas (Ray Serve's num_replicas)
     max_ongoing_requests: int = 16  # requests one replica holds; at this many it is saturated
-    threads: int = 0  # torch threads (and Ray CPUs) per replica; 0 = the cores / replicas, at least 1
     ray_address: str = ""  # join this Ray cluster; "" = start one on this machine
     replica_deployment: str = REPLICA_DEPLOYMENT
 
@@ -30,12 +28,13 @@ class ClusterConfig:
         for name in ("replicas", "max_ongoing_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise ValueError(f"--threads must be >= 0, got {self.threads}")
 
-    @property
-    def threads_per_replica(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // self.replicas)
+    def threads_per_replica(self, threads: int) -> int:
+        """Torch threads (and Ray CPUs) of each replica for the serve flag `--threads`:
+        itself when set, else 0 = this machine's cores divided among the replicas (at least 1)."""
+        from loramux.threads import available_cores
+
+        return threads or max(1, available_cores() // self.replicas)
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -58,13 +58,12 @@ class Outcome(NamedTuple):
 class ReplicaServer:
     """The Ray Serve deployment class of one replica (app.py makes it a deployment)."""
 
-    async def __init__(self, config: ServerConfig, threads: int) -> None:
-        import torch
+    async def __init__(self, config: ServerConfig) -> None:
         from ray import serve
 
         from loramux.api.server import LoramuxServer
 
-        torch.set_num_threads(threads)
+        # config.threads is this replica's own count already (app.py); its server applies it.
         self.rank = int(serve.get_replica_context().rank.rank)
         metrics_host = config.metrics_host or config.host
         # Its gRPC and HTTP ports on loopback, picked free: only this process's forwarding reaches them.
