@@ -25,8 +25,10 @@ from loramux.v1 import loramux_pb2 as pb
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def start(model: Path, tmp: Path, token: Path) -> ServeProcess:
+def start(model: Path, tmp: Path, token: Path, procs: list[ServeProcess]) -> ServeProcess:
+    """A server on `tmp/store`, SERVING; kept in `procs` (the test closes them all, whatever fails)."""
     p = ServeProcess(model, tmp, "--admin-token-file", str(token), "--max-device-adapters", "2")
+    procs.append(p)
     health = health_pb2_grpc.HealthStub(p.channel)
 
     def serving() -> bool:
@@ -83,8 +85,18 @@ def test_kill_9_during_uploads_and_overwrites(tiny_llama_dir: Path, tmp_path: Pa
     token.write_text(TOKEN + "\n")
     store = tmp_path / "store"
 
+    procs: list[ServeProcess] = []
+    try:
+        crash_and_restart(tiny_llama_dir, tmp_path, token, store, a, b, want, procs)
+    finally:  # whatever failed, no server outlives the test
+        for p in procs:
+            p.close()
+
+
+def crash_and_restart(model: Path, tmp_path: Path, token: Path, store: Path, a: Adapter, b: Adapter,
+                      want: dict[str, list[int]], procs: list[ServeProcess]) -> None:  # fmt: skip
     # 1. Two published adapters; then a new id and an overwrite, both open on the server, and SIGKILL.
-    p = start(tiny_llama_dir, tmp_path, token)
+    p = start(model, tmp_path, token, procs)
     upload(p.adapters, "x", a.config, a.weights)
     upload(p.adapters, "keep", b.config, b.weights)
     assert generate(p, "x") == want["a"]
@@ -105,23 +117,18 @@ def test_kill_9_during_uploads_and_overwrites(tiny_llama_dir: Path, tmp_path: Pa
     assert open_uploads(store) == 2  # the crash left them behind
 
     # 2. Restart: exactly the published two, with their published weights; the half uploads are gone.
-    p = start(tiny_llama_dir, tmp_path, token)
-    try:
-        assert listed(p) == ["keep", "x"]
-        assert generate(p, "x") == want["a"]
-        assert generate(p, "keep") == want["b"]
-        assert_store_clean(store)
-        # An overwrite that returned, then SIGKILL before anything else: it must be durable.
-        upload(p.adapters, "x", b.config, b.weights, overwrite=True)
-    finally:
-        p.kill()
+    p = start(model, tmp_path, token, procs)
+    assert listed(p) == ["keep", "x"]
+    assert generate(p, "x") == want["a"]
+    assert generate(p, "keep") == want["b"]
+    assert_store_clean(store)
+    # An overwrite that returned, then SIGKILL before anything else: it must be durable.
+    upload(p.adapters, "x", b.config, b.weights, overwrite=True)
+    p.kill()
 
     # 3. Restart: the overwrite holds.
-    p = start(tiny_llama_dir, tmp_path, token)
-    try:
-        assert listed(p) == ["keep", "x"]
-        assert generate(p, "x") == want["b"]
-        assert generate(p, "keep") == want["b"]
-        assert_store_clean(store)
-    finally:
-        p.close()
+    p = start(model, tmp_path, token, procs)
+    assert listed(p) == ["keep", "x"]
+    assert generate(p, "x") == want["b"]
+    assert generate(p, "keep") == want["b"]
+    assert_store_clean(store)
