@@ -29,8 +29,9 @@ from registry_helpers import (
 )
 from safetensors.torch import load, save
 
-from loramux.api.adapters import AdaptersService, decode_page_token, encode_page_token
+from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
+from loramux.api.page_tokens import decode_page_token, encode_page_token
 from loramux.v1 import loramux_pb2 as pb
 
 

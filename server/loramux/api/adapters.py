@@ -8,11 +8,7 @@ engine thread through `Engine.call`, between forwards.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -21,10 +17,11 @@ import grpc
 
 from loramux.adapters.cache.adapter_cache import AdapterCache
 from loramux.adapters.kinds.base import AdapterInfo
-from loramux.adapters.store.layout import ADAPTER_ID_RE
 from loramux.adapters.store.store import AdapterStore, InvalidUpload, StoredAdapter, UploadSession, UploadTooLarge
+from loramux.api.adapter_infos import AdapterInfos, Describe
 from loramux.api.auth import AdminAuth, AdminAuthInterceptor
 from loramux.api.errors import status_for
+from loramux.api.page_tokens import decode_page_token, encode_page_token
 from loramux.engine.engine import Engine
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -32,14 +29,9 @@ from loramux.v1 import loramux_pb2_grpc as pb_grpc
 log = logging.getLogger("loramux.api")
 
 T = TypeVar("T")
-# Parse an adapter (config, weights path) against the base model with every check
-# loading does; LoramuxServer.describe_adapter. Raises ValueError on a bad adapter.
-Describe = Callable[[dict[str, Any], Path], AdapterInfo]
 
 PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX = 100, 1000
 LOAD_TIMEOUT_S = 120.0  # LoadAdapter's wait for a device slot when the client sets no deadline
-INFO_CACHE_ENTRIES = 4096  # AdapterInfo is small; the bound only stops unbounded growth
-_TOKEN_PREFIX = "v1:"
 _STATES = {
     "stored": pb.ADAPTER_STATE_STORED,
     "host": pb.ADAPTER_STATE_HOST,
@@ -61,9 +53,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         self.cache: AdapterCache | None = None
         self.engine: Engine | None = None
         self.describe: Describe | None = None
-        # (id, sha256) -> info, so List/Get do not re-parse weights on every call.
-        self._infos: OrderedDict[tuple[str, str], AdapterInfo] = OrderedDict()
-        self._infos_lock = threading.Lock()
+        self.infos: AdapterInfos | None = None  # what List/Get say of each adapter, parsed once
         self.draining = False  # set by the server's drain: no new uploads then
 
     def interceptor(self) -> AdminAuthInterceptor:
@@ -72,6 +62,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     def attach(self, store: AdapterStore, cache: AdapterCache, engine: Engine, describe: Describe) -> None:
         self.store, self.cache, self.describe = store, cache, describe
+        self.infos = AdapterInfos(store, cache, describe)
         self.engine = engine  # last: a non-None engine is what marks the service ready
 
     # ---- RPCs ----------------------------------------------------------------
@@ -213,8 +204,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         except KeyError:
             old_sha = None
         record = session.finish(validate)
-        self._forget_infos(record.adapter_id)
-        self._remember_info(record, seen[-1])
+        self.infos.forget(record.adapter_id)
+        self.infos.remember(record, seen[-1])
         self.engine.call(lambda: self._replace_in_cache(record.adapter_id, old_sha)).result()
         return record, seen[-1]
 
@@ -231,7 +222,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     def delete_adapter(self, adapter_id: str) -> None:
         """Executor thread. Running requests keep their leases; release() evicts after the last one."""
         self.store.delete(adapter_id)
-        self._forget_infos(adapter_id)
+        self.infos.forget(adapter_id)
         self.engine.call(lambda: self.cache.forget(adapter_id)).result()
 
     def _prefetch(self, adapter_id: str, pin: bool, merge: bool = False) -> tuple[bool, bool]:
@@ -244,7 +235,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         return resident, stuck
 
     def _message(self, record: StoredAdapter) -> pb.Adapter:
-        info = self._info(record)
+        info = self.infos.get(record)
         tier, pinned = self.cache.state(record.adapter_id, record.sha256)
         return pb.Adapter(
             adapter_id=record.adapter_id,
@@ -257,40 +248,6 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             pinned=pinned,
             created_unix_ms=record.created_unix_ms,
         )
-
-    def _info(self, record: StoredAdapter) -> AdapterInfo:
-        key = (record.adapter_id, record.sha256)
-        with self._infos_lock:
-            info = self._infos.get(key)
-        if info is not None:
-            return info
-        host_copy = self.cache.host.get(key)  # a parsed copy in host memory saves a parse
-        if host_copy is not None:
-            info = host_copy.info
-        else:
-            try:
-                with self.store.reading(record.adapter_id) as current:
-                    if current.sha256 != record.sha256:  # overwritten since the caller looked
-                        return AdapterInfo(record.adapter_type or "", 0, [])
-                    info = self.describe(current.config, current.weights_path)
-            except KeyError:  # deleted since the caller looked
-                return AdapterInfo(record.adapter_type or "", 0, [])
-            except Exception as e:  # validated at upload or scan; a failure now is worth a log, not a failed List
-                log.warning("adapter %s: cannot describe it: %s", record.adapter_id, e)
-                return AdapterInfo(record.adapter_type or "", 0, [])
-        self._remember_info(record, info)
-        return info
-
-    def _remember_info(self, record: StoredAdapter, info: AdapterInfo) -> None:
-        with self._infos_lock:
-            self._infos[(record.adapter_id, record.sha256)] = info
-            while len(self._infos) > INFO_CACHE_ENTRIES:
-                self._infos.popitem(last=False)
-
-    def _forget_infos(self, adapter_id: str) -> None:
-        with self._infos_lock:
-            for key in [k for k in self._infos if k[0] == adapter_id]:
-                del self._infos[key]
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -311,21 +268,3 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             log.error("%s failed: %r", what, e, exc_info=e)
         await context.abort(code, str(e))
         raise AssertionError("unreachable: abort raises")
-
-
-def encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> str | None:
-    """The last id of the previous page ("" for the first page), or None for a token we never made."""
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    last = text[len(_TOKEN_PREFIX) :]
-    if not text.startswith(_TOKEN_PREFIX) or not ADAPTER_ID_RE.fullmatch(last):
-        return None
-    return last
