@@ -19,8 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loramux import logs
+from loramux.adapter_labels import AdapterLabels
 from loramux.logs import log_request, setup_logging
-from loramux.metrics import AdapterLabels, Metrics
+from loramux.metrics import Metrics
 
 # Exposed name -> (type, label names). The DESIGN.md table, then our extras.
 EXPECTED: dict[str, tuple[str, frozenset[str]]] = {
