@@ -1,25 +1,21 @@
-"""The on-disk adapter store: ids, uploads, safetensors checks, scan, overwrite, delete, concurrency."""
+"""The on-disk adapter store: ids, uploads, overwrite, delete, concurrency.
+
+The safetensors check has test_safetensors_check.py; the start-up scan test_store_scan.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
-import pickle
-import struct
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import save, save_file
+from store_helpers import HUB_CONFIG, MAX, PEFT_CONFIG, internal_empty, lora_validator, sha, upload, weights
 
 from loramux.adapters.kinds.base import AdapterError
 from loramux.adapters.store import store as store_module
 from loramux.adapters.store.layout import InvalidAdapterId, exchange, validate_adapter_id
-from loramux.adapters.store.safetensors_check import InvalidWeightsFile, check_safetensors
 from loramux.adapters.store.store import (
     AdapterNotFound,
     AdapterStore,
@@ -33,49 +29,6 @@ from loramux.adapters.store.upload import (
     UploadClosed,
     UploadTooLarge,
 )
-
-PEFT_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
-HUB_CONFIG = {"name": "a", "config": {"architecture": "bottleneck", "reduction_factor": 16}}
-MAX = 1 << 20
-
-
-def weights(seed: int = 0) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return save({"a": torch.randn(2, 8, generator=g), "b": torch.randn(8, 2, generator=g)})
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def lora_validator(calls: list[Path] | None = None) -> Any:
-    def validate(config: dict[str, Any], path: Path) -> str:
-        if calls is not None:
-            calls.append(path)
-        assert (path.parent / "adapter_config.json").is_file()  # the parser may read the directory
-        return "lora"
-
-    return validate
-
-
-def upload(
-    store: AdapterStore,
-    adapter_id: str,
-    data: bytes,
-    config: dict[str, Any] = PEFT_CONFIG,
-    overwrite: bool = False,
-    validate: Any = None,
-    chunk: int = 100,
-) -> StoredAdapter:
-    session = store.begin_upload(adapter_id, json.dumps(config), sha(data), len(data), overwrite, MAX)
-    with session:
-        for i in range(0, len(data), chunk):
-            session.write(data[i : i + chunk])
-        return session.finish(validate or lora_validator())
-
-
-def internal_empty(root: Path) -> bool:
-    return not any((root / ".staging").iterdir()) and not any((root / ".trash").iterdir())
 
 
 @pytest.fixture
@@ -192,99 +145,6 @@ def test_bad_manifest(store: AdapterStore, config_json: str, sha256: str, size: 
     assert internal_empty(store.root)
 
 
-class _Marker:
-    """Unpickling this creates a file: proof that something ran the payload."""
-
-    path = ""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
-@pytest.mark.parametrize("kind", ["torch.save", "raw pickle"])
-def test_pickle_payload_is_refused_unread(store: AdapterStore, tmp_path: Path, kind: str) -> None:
-    marker_file = tmp_path / "pwned"
-    marker = _Marker()
-    marker.path = str(marker_file)
-    if kind == "torch.save":
-        buf = io.BytesIO()
-        torch.save({"w": torch.zeros(2), "evil": marker}, buf)
-        data = buf.getvalue()
-        assert data.startswith(b"PK")
-        match = "zip archive"
-    else:
-        data = pickle.dumps(marker, protocol=4)
-        match = "pickle"
-    calls: list[Path] = []
-    with pytest.raises(InvalidWeightsFile, match=match):
-        upload(store, "evil", data, validate=lora_validator(calls))
-    assert calls == []  # the format parser never saw it
-    assert not marker_file.exists()
-    assert not store.exists("evil") and internal_empty(store.root)
-
-
-def _header_file(tmp_path: Path, header: Any, buffer: bytes = b"", raw: bytes | None = None) -> Path:
-    body = raw if raw is not None else json.dumps(header).encode()
-    path = tmp_path / "w.safetensors"
-    path.write_bytes(struct.pack("<Q", len(body)) + body + buffer)
-    return path
-
-
-F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
-
-
-@pytest.mark.parametrize(
-    "header, buffer, raw, match",
-    [
-        (None, b"", b"", "header length 0"),
-        (None, b"", b"[1]", "JSON object"),
-        (None, b"", b"{nope", "not valid UTF-8 JSON"),
-        (None, b"", b'{"a": 1, "a": 2}', "duplicate key"),
-        ({"t": F32_2}, b"\0" * 4, None, "cover 8 bytes but the data buffer holds 4"),  # offsets past the end
-        ({"t": F32_2}, b"\0" * 9, None, "buffer holds 9"),  # trailing bytes
-        ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "do not match"),
-        ({"t": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype"),
-        ({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "bad shape"),
-        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, None, "do not match"),
-        ({"t": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, None, "exactly dtype"),
-        ({"t": F32_2, "u": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24, None, "contiguous"),
-        ({"t": F32_2, "u": F32_2}, b"\0" * 8, None, "contiguous"),  # overlap
-        ({"t": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "bad shape"),
-        ({"__metadata__": {"k": 1}, "t": F32_2}, b"\0" * 8, None, "__metadata__"),
-    ],
-)
-def test_garbage_headers(tmp_path: Path, header: Any, buffer: bytes, raw: bytes | None, match: str) -> None:
-    with pytest.raises(InvalidWeightsFile, match=match):
-        check_safetensors(_header_file(tmp_path, header, buffer, raw))
-
-
-def test_header_length_past_end_and_short_file(tmp_path: Path) -> None:
-    path = tmp_path / "w"
-    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
-    with pytest.raises(InvalidWeightsFile, match="outside"):
-        check_safetensors(path)
-    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
-    with pytest.raises(InvalidWeightsFile, match="past the end"):
-        check_safetensors(path)
-    path.write_bytes(b"abc")
-    with pytest.raises(InvalidWeightsFile, match="shorter"):
-        check_safetensors(path)
-
-
-def test_real_safetensors_files_pass(tmp_path: Path) -> None:
-    path = tmp_path / "w.safetensors"
-    tensors = {
-        "empty": torch.zeros(0, 3),
-        "bf16": torch.ones(3, 5, dtype=torch.bfloat16),
-        "i64": torch.arange(7),
-        "bool": torch.ones(3, dtype=torch.bool),
-        "scalar": torch.tensor(1.5),
-    }
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    header = check_safetensors(path)
-    assert set(header) == set(tensors) | {"__metadata__"}
-
-
 def test_abort_leaves_nothing(store: AdapterStore) -> None:
     data = weights()
     session = store.begin_upload("x", json.dumps(PEFT_CONFIG), sha(data), len(data), False, MAX)
@@ -348,103 +208,6 @@ def test_validator_bug_is_not_a_client_error(store: AdapterStore) -> None:
     with pytest.raises(RuntimeError, match="validator returned"):
         upload(store, "x", weights(), validate=lambda c, p: "nonsense")
     assert internal_empty(store.root) and not store.exists("x")
-
-
-# ---- scan ------------------------------------------------------------------
-
-
-def test_scan_cleans_leftovers(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    AdapterStore(root)
-    (root / ".staging" / "abc").mkdir()
-    (root / ".staging" / "abc" / "adapter_model.safetensors").write_bytes(b"partial")
-    (root / ".trash" / "deleted-0123456789abcdef-x").mkdir()
-    (root / ".trash" / "stray").write_bytes(b"")
-    store = AdapterStore(root)
-    assert store.scan() == []
-    assert internal_empty(root)
-
-
-def test_scan_keeps_uploads_in_progress(store: AdapterStore) -> None:
-    data = weights()
-    session = store.begin_upload("x", json.dumps(PEFT_CONFIG), sha(data), len(data), False, MAX)
-    session.write(data[:10])
-    store.scan()
-    session.write(data[10:])
-    assert session.finish(lora_validator()).sha256 == sha(data)
-
-
-def test_scan_restores_an_interrupted_fallback_overwrite(store: AdapterStore) -> None:
-    rec = upload(store, "x", weights())
-    # The fallback moved the old dir aside, then the process died before renaming the new one in.
-    os.rename(rec.path, store.root / ".trash" / "replaced-0123456789abcdef-x")
-    (store.root / ".trash" / "replaced-0123456789abcdef-y").mkdir()  # no manifest: not a whole adapter
-    restored = AdapterStore(store.root).scan()
-    assert [(r.adapter_id, r.sha256) for r in restored] == [("x", rec.sha256)]
-    assert internal_empty(store.root)
-
-
-def _hand_placed(root: Path, name: str, data: bytes, config: dict[str, Any] = PEFT_CONFIG) -> Path:
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text(json.dumps(config))
-    (d / "adapter_model.safetensors").write_bytes(data)
-    return d
-
-
-def test_hand_placed_peft_dir_gets_a_manifest(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    d = _hand_placed(root, "by-hand", weights())
-    seen: list[Path] = []
-    store = AdapterStore(root)
-    [rec] = store.scan(classify=lora_validator(seen))
-    assert rec.sha256 == sha(weights()) and rec.adapter_type == "lora" and seen == [rec.weights_path]
-    manifest = json.loads((d / "loramux_manifest.json").read_text())
-    assert manifest["weights_sha256"] == rec.sha256 and manifest["adapter_type"] == "lora"
-    # Next start: the manifest is fresh, so no rehash and no classify.
-    seen.clear()
-    [again] = AdapterStore(root).scan(classify=lora_validator(seen))
-    assert seen == [] and again.sha256 == rec.sha256
-    # Weights replaced by hand: the stale manifest is noticed and rewritten.
-    (d / "adapter_model.safetensors").write_bytes(weights(5) + b"")
-    os.utime(d / "adapter_model.safetensors", ns=(1, 1))
-    [changed] = AdapterStore(root).scan()
-    assert changed.sha256 == sha(weights(5)) and changed.adapter_type is None
-
-
-def test_real_peft_save_pretrained_dir(tmp_path: Path) -> None:
-    peft = pytest.importorskip("peft")
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "2"]))
-    root = tmp_path / "store"
-    lora.save_pretrained(str(root / "real"))
-    store = AdapterStore(root)
-    [rec] = store.scan()
-    assert rec.config["peft_type"] == "LORA" and rec.adapter_type is None
-    rec = store.set_adapter_type("real", "lora", rec.sha256)
-    assert AdapterStore(root).scan()[0].adapter_type == "lora"
-
-
-def test_scan_skips_what_it_cannot_serve(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    root = tmp_path / "store"
-    _hand_placed(root, "ok", weights())
-    _hand_placed(root, "bad name", weights())
-    _hand_placed(root, "pickled", b"\x80\x04garbage")
-    bin_only = root / "bin-only"
-    bin_only.mkdir()
-    (bin_only / "adapter_config.json").write_text(json.dumps(PEFT_CONFIG))
-    (bin_only / "adapter_model.bin").write_bytes(b"PK\x03\x04")
-    _hand_placed(root, "rejected", weights())
-    (root / "loose-file").write_text("x")
-
-    def classify(config: dict[str, Any], path: Path) -> str:
-        if path.parent.name == "rejected":
-            raise AdapterError("targets nothing")
-        return "lora"
-
-    assert [r.adapter_id for r in AdapterStore(root).scan(classify=classify)] == ["ok"]
-    text = caplog.text
-    assert "bad name" in text and "pickle" in text and "adapter_model.safetensors" in text and "targets nothing" in text
 
 
 # ---- delete ----------------------------------------------------------------
