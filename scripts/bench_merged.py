@@ -77,8 +77,9 @@ class Bench:
         wrapped = WrappedModel(self.base.model, num_adapters)
         store = AdapterStore(root / "store")
         store.scan()
-        config = EngineConfig(max_running=32, max_device_adapters=num_adapters, merged_cache_mb=256,
-                              merge_threshold=1.0)  # explicit merges only: the figures compare fixed set-ups
+        config = EngineConfig(
+            max_running=32, max_device_adapters=num_adapters, merged_cache_mb=256, merge_threshold=1.0
+        )  # explicit merges only: the figures compare fixed set-ups
         self.cache = AdapterCache(wrapped, store, 1024 * MB, merged_cache_bytes=256 * MB, merge_threshold=1.0)
         self.engine = Engine(self.base, wrapped, config, adapters=self.cache)
         self.cache.on_ready = self.engine.wake

@@ -28,8 +28,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16, help="rows of each profile table")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    settings = ServerSettings(model=str(a.workdir / "model"), store=a.workdir / "store", device="cpu",
-                              dtype="float32")
+    settings = ServerSettings(model=str(a.workdir / "model"), store=a.workdir / "store", device="cpu", dtype="float32")
     target = LoramuxTarget("profile", settings, spawn="thread")
     target.start()
     try:
@@ -44,8 +43,7 @@ def main() -> None:
             res = run_requests(target.address, name, reqs, spec.clients)
             engine.call(lambda prof=prof: prof.__exit__(None, None, None)).result()
             print(f"== {name}: {res.tokens} tokens in {res.wall_s:.2f}s ({res.throughput:.0f} tok/s)")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows,
-                                            max_name_column_width=44))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=44))
     finally:
         target.stop()
 

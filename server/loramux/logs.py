@@ -19,8 +19,15 @@ FORMATS = ("text", "json")
 
 # The fields of a request line, in the order they are written.
 REQUEST_FIELDS: tuple[str, ...] = (
-    "request_id", "adapter_id", "status", "finish_reason", "prompt_tokens", "generated_tokens",
-    "queue_s", "ttft_s", "total_s",
+    "request_id",
+    "adapter_id",
+    "status",
+    "finish_reason",
+    "prompt_tokens",
+    "generated_tokens",
+    "queue_s",
+    "ttft_s",
+    "total_s",
 )
 # User content: only ever logged with log_prompts=True. Anything else the caller
 # adds (e.g. `error`) is kept, so a failure's cause is on the same line.
@@ -107,8 +114,9 @@ def _parse_level(level: int | str) -> int:
     return value
 
 
-def setup_logging(fmt: str = "text", level: int | str = "INFO", log_prompts: bool = False,
-                  stream: TextIO | None = None) -> logging.Handler:
+def setup_logging(
+    fmt: str = "text", level: int | str = "INFO", log_prompts: bool = False, stream: TextIO | None = None
+) -> logging.Handler:
     """Configures the root logger with one handler writing `fmt` ("text" or
     "json") to `stream` (stderr by default). Calling it again replaces the
     handler it installed before, not anyone else's. Returns the handler."""

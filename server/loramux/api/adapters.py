@@ -174,8 +174,11 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                 await asyncio.sleep(0.01)
         finally:  # answered, refused or gone: a slot reservation it made must not outlive it
             self.engine.call(lambda: self.cache.end_prefetch(adapter_id))
-        log.info("adapter %s loaded into a device slot%s", adapter_id,
-                 " and merged (pinned)" if request.merge else " and pinned" if request.pin else "")
+        log.info(
+            "adapter %s loaded into a device slot%s",
+            adapter_id,
+            " and merged (pinned)" if request.merge else " and pinned" if request.pin else "",
+        )
         return await self._call(context, lambda: self._message(self.store.get(adapter_id)))
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.Adapter:

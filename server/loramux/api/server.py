@@ -108,8 +108,12 @@ class LoramuxServer:
         await loop.run_in_executor(None, self.store.scan, self.validate_adapter)
         e = cfg.engine
         self.cache = AdapterCache(
-            wrapped, self.store, int(e.host_cache_mb * MB), self.metrics,
-            merged_cache_bytes=int(e.merged_cache_mb * MB), merge_threshold=e.merge_threshold,
+            wrapped,
+            self.store,
+            int(e.host_cache_mb * MB),
+            self.metrics,
+            merged_cache_bytes=int(e.merged_cache_mb * MB),
+            merge_threshold=e.merge_threshold,
             merge_window_tokens=e.merge_window_tokens,
         )
         self.engine = Engine(self.base, wrapped, cfg.engine, adapters=self.cache, metrics=self.metrics)
@@ -187,8 +191,11 @@ class LoramuxServer:
             while not self.engine.idle and time.monotonic() < deadline and not self._force:
                 await asyncio.sleep(0.02)
             if not self.engine.idle:
-                log.warning("drain cut short: %d running and %d waiting requests fail",
-                            self.engine.num_running, self.engine.num_waiting)
+                log.warning(
+                    "drain cut short: %d running and %d waiting requests fail",
+                    self.engine.num_running,
+                    self.engine.num_waiting,
+                )
         # What is left of the budget goes to RPCs still in flight: streams sending
         # their last messages, uploads (which clean up when cancelled). stop()
         # returns as soon as they are done, so a long grace costs nothing.

@@ -39,8 +39,9 @@ class StepClock(LogitsProcessor):
 
 
 class Baselines:
-    def __init__(self, model_dir: Path, device: str = "auto", dtype: str = "auto",
-                 peft_adapters: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "auto", dtype: str = "auto", peft_adapters: dict[str, Path] | None = None
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -122,8 +123,13 @@ class Baselines:
             mask[i, width - len(r.prompt_ids) :] = 1
         clock = StepClock()
         model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=steps,
-            min_new_tokens=steps, do_sample=False, pad_token_id=PAD_ID, logits_processor=LogitsProcessorList([clock]),
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=PAD_ID,
+            logits_processor=LogitsProcessorList([clock]),
             **kwargs,
         )
         t = clock.times

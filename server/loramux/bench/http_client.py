@@ -18,7 +18,11 @@ from loramux.bench.workload import BenchRequest
 
 
 def run_http_requests(
-    base_url: str, config: str, requests: list[BenchRequest], clients: int, arrivals: list[float] | None = None,
+    base_url: str,
+    config: str,
+    requests: list[BenchRequest],
+    clients: int,
+    arrivals: list[float] | None = None,
     timeout_s: float = 600.0,
 ) -> RunResult:
     """Send `requests` (closed loop of `clients`, or open loop at `arrivals`) and time every event."""
@@ -27,7 +31,11 @@ def run_http_requests(
 
 
 async def _run(
-    base_url: str, config: str, requests: list[BenchRequest], clients: int, arrivals: list[float] | None,
+    base_url: str,
+    config: str,
+    requests: list[BenchRequest],
+    clients: int,
+    arrivals: list[float] | None,
     timeout_s: float,
 ) -> RunResult:
     import httpx

@@ -25,15 +25,27 @@ from loramux.model import build_from_config, byte_tokenizer, tiny_llama_config
 PRESETS: dict[str, tuple[dict, str, str]] = {
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2), "cpu", "float32"),
     "cpu": (
-        dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=1024),
+        dict(
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        ),
         "cpu",
         "float32",
     ),
     # TinyLlama-1.1B's shape over the byte vocabulary: about 1.0B parameters.
     "gpu-1b": (
-        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, max_position_embeddings=2048),
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
         "cuda",
         "bfloat16",
     ),
@@ -143,11 +155,23 @@ def _peft_lora(spec: AdapterSpec, shape: ModelShape, gen: torch.Generator) -> tu
         if spec.kind == "dora":
             tensors[f"{key}.lora_magnitude_vector"] = 1.0 + _noise(gen, fan_out, std=0.1)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": 2 * spec.rank,
-        "target_modules": sorted(set(spec.targets)), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": spec.kind == "dora", "inference_mode": True, "init_lora_weights": True,
-        "base_model_name_or_path": None, "modules_to_save": None, "layers_to_transform": None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.rank,
+        "lora_alpha": 2 * spec.rank,
+        "target_modules": sorted(set(spec.targets)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": spec.kind == "dora",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_name_or_path": None,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
     return config, tensors, "adapter_model.safetensors"
 
@@ -161,19 +185,31 @@ def _peft_ia3(spec: AdapterSpec, shape: ModelShape, gen: torch.Generator) -> tup
         # PEFT scales the input of feed-forward modules and the output of the others.
         tensors[f"base_model.model.{name}.ia3_l"] = 1.0 + _noise(gen, *((1, fan_in) if ff else (fan_out, 1)), std=0.1)
     config = {
-        "peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(set(spec.targets)),
-        "feedforward_modules": sorted(feedforward), "fan_in_fan_out": False, "inference_mode": True,
-        "init_ia3_weights": True, "base_model_name_or_path": None, "modules_to_save": None,
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM",
+        "target_modules": sorted(set(spec.targets)),
+        "feedforward_modules": sorted(feedforward),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_ia3_weights": True,
+        "base_model_name_or_path": None,
+        "modules_to_save": None,
     }
     return config, tensors, "adapter_model.safetensors"
 
 
 def _soft_prompt(spec: AdapterSpec, shape: ModelShape, gen: torch.Generator) -> tuple[dict, dict, str]:
     config = {
-        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": spec.rank,
-        "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
-        "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_layers,
-        "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": None,
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": spec.rank,
+        "token_dim": shape.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_layers": shape.num_layers,
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
+        "base_model_name_or_path": None,
     }
     tensors = {"prompt_embeddings": _noise(gen, spec.rank, shape.hidden_size, std=0.1)}
     return config, tensors, "adapter_model.safetensors"
@@ -181,10 +217,23 @@ def _soft_prompt(spec: AdapterSpec, shape: ModelShape, gen: torch.Generator) -> 
 
 # A series (Pfeiffer) bottleneck after the feed-forward sublayer, as AdapterHub's SeqBnConfig writes it.
 _SEQ_BN = {
-    "adapter_residual_before_ln": False, "cross_adapter": False, "dropout": 0.0, "inv_adapter": None,
-    "is_parallel": False, "leave_out": [], "ln_after": False, "ln_before": False, "mh_adapter": False,
-    "non_linearity": "relu", "original_ln_after": True, "original_ln_before": True, "output_adapter": True,
-    "phm_layer": False, "residual_before_ln": True, "scaling": 1.0, "use_gating": False,
+    "adapter_residual_before_ln": False,
+    "cross_adapter": False,
+    "dropout": 0.0,
+    "inv_adapter": None,
+    "is_parallel": False,
+    "leave_out": [],
+    "ln_after": False,
+    "ln_before": False,
+    "mh_adapter": False,
+    "non_linearity": "relu",
+    "original_ln_after": True,
+    "original_ln_before": True,
+    "output_adapter": True,
+    "phm_layer": False,
+    "residual_before_ln": True,
+    "scaling": 1.0,
+    "use_gating": False,
 }
 _BN_NAME = "bench"
 
@@ -202,11 +251,20 @@ def _bottleneck(spec: AdapterSpec, shape: ModelShape, gen: torch.Generator) -> t
         tensors[f"{key}.adapter_up.bias"] = _noise(gen, h)
     config = {
         "config": {**_SEQ_BN, "reduction_factor": h // width},
-        "hidden_size": h, "model_class": shape.model_class, "model_name": "", "model_type": shape.model_type,
-        "name": _BN_NAME, "version": "adapters.1.3.0",
+        "hidden_size": h,
+        "model_class": shape.model_class,
+        "model_name": "",
+        "model_type": shape.model_type,
+        "name": _BN_NAME,
+        "version": "adapters.1.3.0",
     }
     return config, tensors, "adapter.safetensors"
 
 
-KINDS = {"lora": _peft_lora, "dora": _peft_lora, "ia3": _peft_ia3, "bottleneck": _bottleneck,
-         "soft_prompt": _soft_prompt}
+KINDS = {
+    "lora": _peft_lora,
+    "dora": _peft_lora,
+    "ia3": _peft_ia3,
+    "bottleneck": _bottleneck,
+    "soft_prompt": _soft_prompt,
+}

@@ -67,8 +67,10 @@ def check_target_fields(config: dict) -> None:
         if key != "target_modules" or value.lower() != "all-linear":
             _regex(key, value)
     indexes = config.get("layers_to_transform")
-    if indexes is not None and not _is_index(indexes) and not (
-        isinstance(indexes, list) and all(_is_index(i) for i in indexes)
+    if (
+        indexes is not None
+        and not _is_index(indexes)
+        and not (isinstance(indexes, list) and all(_is_index(i) for i in indexes))
     ):
         raise AdapterError(f"layers_to_transform must be a layer index or a list of them, got {_short(indexes)}")
 
