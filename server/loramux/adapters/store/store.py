@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from loramux.adapters.formats.detect import CONFIG_FILE
+from loramux.adapters.store.errors import AdapterNotFound, AlreadyExists
+from loramux.adapters.store.id_locks import IdLocks
 from loramux.adapters.store.layout import (
     ADAPTER_ID_RE,
     MANIFEST_FILE,
@@ -69,17 +70,6 @@ __all__ = [
 log = logging.getLogger("loramux.adapters.store")
 
 
-class AlreadyExists(Exception):
-    """Upload of an existing id without overwrite (ALREADY_EXISTS)."""
-
-
-class AdapterNotFound(KeyError):
-    """No adapter with this id in the store (NOT_FOUND)."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else "adapter not found"
-
-
 class AdapterStore:
     """Thread-safe store over `root`. Call `scan()` once at startup, before serving."""
 
@@ -94,7 +84,7 @@ class AdapterStore:
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards the dicts below and the version counter
         self._records: dict[str, StoredAdapter] = {}
-        self._id_locks: dict[str, list[Any]] = {}  # id -> [RLock, users]
+        self._id_lock = IdLocks()  # mutations of one id, and reading(id), one at a time
         self._active_staging: set[str] = set()
         self._version = 0
         self._seen: dict[str, tuple[int, int]] = {}  # id -> (inode, mtime_ns) of the manifest refresh() read
@@ -338,18 +328,3 @@ class AdapterStore:
         with self._lock:
             self._version += 1
             return self._version
-
-    @contextmanager
-    def _id_lock(self, adapter_id: str) -> Iterator[None]:
-        # Reference-counted so the map does not grow with every id ever seen.
-        with self._lock:
-            entry = self._id_locks.setdefault(adapter_id, [threading.RLock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._id_locks[adapter_id]
