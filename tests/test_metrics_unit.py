@@ -43,6 +43,12 @@ EXPECTED: dict[str, tuple[str, frozenset[str]]] = {
     "loramux_adapters_resident": ("gauge", frozenset({"tier"})),
     "loramux_adapter_bytes_resident": ("gauge", frozenset({"tier"})),
     "loramux_device_slots_free": ("gauge", frozenset()),
+    "loramux_kv_blocks_used": ("gauge", frozenset()),
+    "loramux_kv_blocks_cached": ("gauge", frozenset()),
+    "loramux_kv_blocks_total": ("gauge", frozenset()),
+    "loramux_prefix_cache_queries_total": ("counter", frozenset()),
+    "loramux_prefix_cache_hits_total": ("counter", frozenset()),
+    "loramux_preemptions_total": ("counter", frozenset()),
     # extras
     "loramux_batch_size": ("histogram", frozenset({"phase"})),
     "loramux_adapter_requests_total": ("counter", frozenset({"adapter"})),

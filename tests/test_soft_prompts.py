@@ -161,6 +161,29 @@ def test_mixed_batches_with_lora_and_base_rows(store, tiny_llama_dir, reference_
     assert any(soft & set(p) and len(p + d) > 1 for p, d in spy.batches), "no soft prompt prefilled in a shared batch"
 
 
+def test_soft_prompts_on_tiny_blocks_with_chunks_and_prefix_hits(store, tiny_llama_dir):
+    """Virtual rows and KV prefixes split over 4-token blocks and 8-token steps, then reused from the cache."""
+    root, models = store
+    ids = [b + 3 for b in b"a prompt that fills blocks"]
+    with ServerThread(tiny_llama_dir, store=root, max_device_adapters=4, block_size=4, max_batch_tokens=8) as s:
+        for name in SOFT:
+            want = forward_greedy(models[name], ids, STEPS)[0]
+            first = s.gen.Generate(req(ids, STEPS, name))
+            again = s.gen.Generate(req(ids, STEPS, name))
+            virtual = s.engine.runner.virtual_tokens(_slot_of(s, name))
+            assert first.cached_tokens == 0, name
+            # every full block before the last position is reused: virtual positions first, then prompt tokens
+            assert again.cached_tokens == (virtual + len(ids) - 1) // 4 * 4 - virtual, name
+            assert list(first.token_ids) == want and list(again.token_ids) == want, name
+        base = s.gen.Generate(req(ids, STEPS))
+        assert base.cached_tokens == 0, "a soft-prompted request's blocks were reused without its soft prompt"
+
+
+def _slot_of(s: ServerThread, adapter_id: str) -> int:
+    (slot,) = [sl.index for sl in s.server.cache.slots if sl.key is not None and sl.key[0] == adapter_id]
+    return slot
+
+
 def test_prompt_encoder_weights_are_run_at_load(tmp_path, wrapped):
     """A file with the encoder's own weights (not prompt_embeddings): run once at load, as PEFT's get_prompt."""
     cases = {

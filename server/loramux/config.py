@@ -1,7 +1,8 @@
 """Configs: dataclasses validated once, at start (ValueError, never assert); CLI flags derive from their fields.
 
 Every field is the flag `--field-name` of its type and default; `help` and `choices`
-come from the field's metadata; a bool is an on-switch; a nested config's fields are
+come from the field's metadata; a bool is an on-switch (`--no-name`, an off-switch, for one
+that defaults to on); a nested config's fields are
 flags of their own (`add_flags`, `from_args`).
 """
 
@@ -28,8 +29,8 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 @dataclass
 class EngineConfig:
-    max_running: int = 64  # requests decoding at once (rows of the KV cache)
-    max_batch_tokens: int = 4096  # tokens in one forward (prefill + decode)
+    max_running: int = 64  # requests holding KV blocks at once (prefilling or decoding)
+    max_batch_tokens: int = _flag(0, "tokens per step, the chunked-prefill budget (0 = 2048 on CUDA, 256 on CPU)")
     max_queue: int = 1024  # waiting requests; beyond it new ones get RESOURCE_EXHAUSTED
     max_model_len: int = 0  # prompt + output tokens per request; 0 = the model's context (capped at 4096)
     default_max_new_tokens: int = 128
@@ -38,10 +39,13 @@ class EngineConfig:
     merged_cache_mb: float = 0.0  # merged W0+BA budget; 0 turns the merged path off
     merge_threshold: float = 0.5  # share of recent tokens that makes an adapter hot
     merge_window_tokens: int = 4096  # how many recent tokens the hot policy looks at
+    kv_cache_mb: float = _flag(0.0, "the KV block pool, K and V of every layer (0 = half the free memory, capped)")
+    block_size: int = _flag(16, "tokens per KV block")
+    prefix_caching: bool = _flag(True, "do not reuse the KV blocks of an identical prefix (prefix caching is on by default)")
 
     def validate(self) -> None:
         _positive("max_running", self.max_running)
-        _positive("max_batch_tokens", self.max_batch_tokens)
+        _positive("max_batch_tokens", self.max_batch_tokens, allow_zero=True)
         _positive("max_queue", self.max_queue)
         _positive("max_model_len", self.max_model_len, allow_zero=True)
         _positive("default_max_new_tokens", self.default_max_new_tokens)
@@ -49,8 +53,21 @@ class EngineConfig:
         _positive("host_cache_mb", self.host_cache_mb, allow_zero=True)
         _positive("merged_cache_mb", self.merged_cache_mb, allow_zero=True)
         _positive("merge_window_tokens", self.merge_window_tokens)
+        _positive("kv_cache_mb", self.kv_cache_mb, allow_zero=True)
+        _positive("block_size", self.block_size)
+        if self.block_size > 1024:
+            raise ValueError(f"block_size must be at most 1024, got {self.block_size}")
         if not 0.0 < self.merge_threshold <= 1.0:
             raise ValueError(f"merge_threshold must be in (0, 1], got {self.merge_threshold}")
+
+
+def default_batch_tokens(device_type: str) -> int:
+    """--max-batch-tokens 0: a step budget that keeps decoding streams steady while long prompts arrive.
+
+    One step's time grows with its tokens; on a CPU a 256-token chunk costs about what a
+    step of a few dozen decodes does, on a GPU 2048 tokens still run at the decode pace.
+    """
+    return 2048 if device_type == "cuda" else 256
 
 
 @dataclass
@@ -121,8 +138,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         name = "--" + f.name.replace("_", "-")
         meta = {k: v for k, v in f.metadata.items() if v is not None}
-        if kind is bool:
-            parser.add_argument(name, action="store_true", **meta)
+        if kind is bool:  # an on-switch; a field that defaults to on gets an off-switch, --no-<name>
+            if f.default is True:
+                parser.add_argument("--no-" + name[2:], dest=f.name, action="store_false", **meta)
+            else:
+                parser.add_argument(name, action="store_true", **meta)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -107,6 +107,13 @@ class Metrics:
         self.adapter_bytes_resident = gauge("loramux_adapter_bytes_resident", "Adapter bytes resident in a tier.",
                                             ("tier",))
         self.device_slots_free = gauge("loramux_device_slots_free", "Free adapter slots on the device.")
+        self.kv_blocks_used = gauge("loramux_kv_blocks_used", "KV blocks held by running requests.")
+        self.kv_blocks_cached = gauge("loramux_kv_blocks_cached", "Idle KV blocks that hold a reusable prefix.")
+        self.kv_blocks_total = gauge("loramux_kv_blocks_total", "KV blocks in the pool.")
+        self.prefix_queries = counter("loramux_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache (first admission).")
+        self.prefix_hits = counter("loramux_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self.preemptions = counter("loramux_preemptions", "Running requests preempted because KV blocks ran out.")
 
         self.info = Info("loramux", "Build information.", registry=r)
         self._info: dict[str, str] = {
@@ -198,6 +205,18 @@ class Metrics:
 
     def set_waiting(self, n: int) -> None:
         self.waiting.set(n)
+
+    def set_kv_blocks(self, used: int, cached: int, total: int) -> None:
+        self.kv_blocks_used.set(used)
+        self.kv_blocks_cached.set(cached)
+        self.kv_blocks_total.set(total)
+
+    def prefix_query(self, tokens: int, hits: int) -> None:
+        self.prefix_queries.inc(tokens)
+        self.prefix_hits.inc(hits)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def merged_batch(self, n: int = 1) -> None:
         self.merged_batches.inc(n)

@@ -53,6 +53,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     generated_tokens=len(ids),
                     logprobs=logprobs,
                     adapter_id=req.adapter_id,
+                    cached_tokens=max(req.cached_tokens, 0),
                 )
         raise AssertionError("unreachable: the event stream ends with a final event")
 
@@ -62,6 +63,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         req, queue = await self._admit(request, context)
         n = 0
         async for ev in self._events(req, queue, context):
+            first = n == 0
             n += len(ev.token_ids)
             yield pb.GenerateStreamResponse(
                 request_id=req.request_id,
@@ -70,6 +72,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 finish_reason=int(ev.finish_reason),
                 prompt_tokens=req.prompt_len,
                 generated_tokens=n,
+                cached_tokens=max(req.cached_tokens, 0) if first else 0,  # set on the first message
             )
 
     # --- helpers ---

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from loramux.config import EngineConfig
+from loramux.config import EngineConfig, default_batch_tokens
 from loramux.engine.detokenizer import Detokenizer
-from loramux.engine.kv_cache import KVCache, available_bytes, kv_cache_bytes
+from loramux.engine.kv_blocks import BlockPool
+from loramux.engine.kv_budget import plan_num_blocks
+from loramux.engine.prefix_cache import PrefixCache
 from loramux.engine.request import FinishReason, InvalidParameter, Request, TokenEvent
 from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
@@ -47,11 +49,18 @@ class Engine:
         self.base = base
         self.config = config
         self.max_len = min(config.max_model_len or min(base.max_context, 4096), base.max_context)
-        self._check_kv_fits(base, config.max_running, self.max_len)
-        self.kv = KVCache(config.max_running, self.max_len)
-        self.runner = Runner(wrapped, self.kv)
+        num_blocks = plan_num_blocks(
+            base.model.config, base.dtype, base.device, kv_cache_mb=config.kv_cache_mb, block_size=config.block_size,
+            max_len=self.max_len, max_running=config.max_running, merged_cache_mb=config.merged_cache_mb,
+        )  # fmt: skip
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.batch_tokens = config.max_batch_tokens or default_batch_tokens(base.device.type)
+        self.runner = Runner(wrapped, self.pool)
         self.sampler = Sampler()
-        self.scheduler = Scheduler(config, self.kv, adapters)
+        self.scheduler = Scheduler(
+            config, self.pool, adapters, max_len=self.max_len, batch_tokens=self.batch_tokens,
+            prefix=PrefixCache(self.pool, enabled=config.prefix_caching), metrics=metrics,
+        )  # fmt: skip
         self.scheduler.virtual_tokens = self.runner.virtual_tokens  # soft prompts count in budgets
         self.metrics = metrics
         self.eos = base.eos_token_ids
@@ -69,18 +78,6 @@ class Engine:
         # Why a request refused at admission was refused (the API's status name, lower case:
         # "not_found", ...); "internal" for a failure that is not a refusal. The server sets it.
         self.refusal_reason: Callable[[BaseException], str] = lambda err: "internal"
-
-    @staticmethod
-    def _check_kv_fits(base: BaseModel, max_running: int, max_len: int) -> None:
-        """Refuse at start a KV cache that cannot fit (it is allocated at the first forward)."""
-        need = kv_cache_bytes(base.model.config, max_running, max_len, base.dtype)
-        free = available_bytes(base.device)
-        log.info("KV cache: %d rows x %d tokens = %.1f MiB on %s", max_running, max_len, need / 2**20, base.device)
-        if free is not None and need > 0.9 * free:
-            raise ValueError(
-                f"the KV cache needs {need / 2**30:.1f} GiB ({max_running} rows x {max_len} tokens) but only "
-                f"{free / 2**30:.1f} GiB is free on {base.device}; lower --max-running or --max-model-len"
-            )
 
     def self_check(self) -> None:
         """Before SERVING: the engine's logits equal plain transformers' (self_check.py); raises ModelCheckFailed."""
@@ -214,12 +211,10 @@ class Engine:
         phase = "prefill" if batch.prefill else "decode"
         t0 = time.perf_counter()
         try:
-            reqs = batch.requests
-            out = self.sampler.sample(self.runner.run(batch), reqs)
-            tokens, logprobs = out.tokens, out.logprobs
+            partial, reqs, tokens, logprobs = self._run(batch)
         except Exception:
             log.exception("forward failed for %d requests; running them one by one", len(batch.requests))
-            reqs, tokens, logprobs = self._isolate(batch)
+            partial, reqs, tokens, logprobs = self._isolate(batch)
         if self.metrics is not None:
             self.metrics.forward(phase, time.perf_counter() - t0)
             if batch.merged_slot >= 0:
@@ -227,26 +222,54 @@ class Engine:
         self.steps += 1
         now = time.monotonic()
         # Only now, with every row's token drawn, does any request's state move on.
+        for r in partial:  # a prompt chunk that does not end the prompt: its K/V positions only
+            self._commit(r)
         for r, tok, lp in zip(reqs, tokens, logprobs):
             if tok is None:  # this row alone had non-finite logits: only its request fails
                 log.error("request %s: the model's logits are not finite (NaN or inf)", r.request_id)
                 self.scheduler.finish(r)
                 self._fail(r, RuntimeError("the model produced non-finite logits for this request"))
                 continue
-            self.runner.commit(r)
+            self._commit(r)
             self._advance(r, tok, lp, now)
         # Again after the step: requests that finished in it leave the gauges now,
         # not at the next step (which never comes when the server goes idle).
         self._gauges()
         return True
 
-    def _isolate(self, batch: Batch) -> tuple[list[Request], list[int | None], list[float | None]]:
+    def _run(self, batch: Batch) -> tuple[list[Request], list[Request], list[int | None], list[float | None]]:
+        """One forward, then a token for every request whose sequence it computes to the end.
+
+        Returns (the requests in the middle of a chunked prefill, the requests sampled, their
+        tokens, their logprobs). A prompt chunk that does not end its prompt gets no token: its
+        row is not given to the sampler, so it draws nothing and its penalty state is not
+        touched. Nothing about any request moves here (the caller commits), so a batch that
+        fails in the forward or in sampling can be re-run as it was.
+        """
+        logits = self.runner.run(batch)  # [len(batch.requests), vocab]
+        rs = batch.requests
+        done = [i for i, r in enumerate(rs) if r.num_computed + r.num_scheduled == r.seq_len]
+        partial = [r for r in rs if r.num_computed + r.num_scheduled < r.seq_len]
+        reqs = [rs[i] for i in done]
+        if not reqs:
+            return partial, [], [], []
+        out = self.sampler.sample(logits[done] if len(done) < len(rs) else logits, reqs)
+        return partial, reqs, out.tokens, out.logprobs
+
+    def _commit(self, r: Request) -> None:
+        """The forward's K/V of `r` are in its blocks: advance it, and address its newly full blocks."""
+        before = r.num_computed
+        self.runner.commit(r)
+        self.scheduler.computed(r, before)
+
+    def _isolate(self, batch: Batch) -> tuple[list[Request], list[Request], list[int | None], list[float | None]]:
         """After a failed forward: run each request alone, so only the one that fails gets INTERNAL.
 
         Safe to repeat: no request's state (`num_computed`, its tokens) moves until its token is
-        drawn, re-running writes the same K/V to the same cache positions, and the sampler's
+        drawn, re-running writes the same K/V to the same slots of its blocks, and the sampler's
         draw depends only on the request (sampler.py), so the re-run draws the same token.
         """
+        partial: list[Request] = []
         ok: list[Request] = []
         tokens: list[int | None] = []
         logprobs: list[float | None] = []
@@ -257,16 +280,17 @@ class Engine:
                 merged_slot=batch.merged_slot if r.adapter_slot == batch.merged_slot else -1,
             )
             try:
-                out = self.sampler.sample(self.runner.run(alone), [r])
+                part, done, tok, lp = self._run(alone)
             except Exception as e:
                 log.exception("request %s failed in the forward", r.request_id)
                 self.scheduler.finish(r)
                 self._fail(r, e)
                 continue
-            ok.append(r)
-            tokens.extend(out.tokens)
-            logprobs.extend(out.logprobs)
-        return ok, tokens, logprobs
+            partial.extend(part)
+            ok.extend(done)
+            tokens.extend(tok)
+            logprobs.extend(lp)
+        return partial, ok, tokens, logprobs
 
     def _advance(self, r: Request, tok: int, lp: float | None, now: float) -> None:
         if r.first_token_at is None:
@@ -359,3 +383,4 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_running(len(self.scheduler.running))
             self.metrics.set_waiting(len(self.scheduler.waiting) + len(self._inbox))
+            self.metrics.set_kv_blocks(self.pool.num_used, self.pool.num_cached, self.pool.num_blocks)

@@ -113,13 +113,18 @@ class Request:
     # --- engine-owned state ---
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    kv_slot: int = -1  # row of the KV cache this request owns while running
+    # KV blocks it holds while running (kv_blocks.py): position p is in block_table[p // block_size]
+    block_table: list[int] = field(default_factory=list)
+    # its prefix hash chain: [0] the root, [i + 1] block i's hash (prefix_cache.py); kept across preemptions
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_scheduled: int = 0  # positions this step's forward computes for it (a chunk of its prefill, or 1)
+    cached_tokens: int = -1  # prompt tokens served from the prefix cache at its first admission (-1: not yet)
     adapter_slot: int = -1  # device slot of its adapter (-1 = base model)
     adapter_handle: Any = None  # the adapter cache's lease, released when the request ends
-    # Soft-prompt positions in front of the prompt in its KV row (virtual tokens or a KV prefix of its
-    # adapter), set when its adapter slot is leased: the row holds [virtual][prompt][output].
+    # Soft-prompt positions in front of the prompt in its KV blocks (virtual tokens or a KV prefix of its
+    # adapter), set when its adapter slot is leased: its positions are [virtual][prompt][output].
     num_virtual: int = 0
-    num_computed: int = 0  # positions whose K/V are in the cache (virtual ones included)
+    num_computed: int = 0  # positions whose K/V are in its blocks (virtual ones included)
     detok: Any = None  # the request's incremental detokenizer
     seed: int = 0  # the sampler's random stream (sampler.py): params.seed, or a random one at submission
     arrival: float = field(default_factory=time.monotonic)
@@ -139,7 +144,7 @@ class Request:
 
     @property
     def seq_len(self) -> int:
-        """Positions the request takes in its KV row: virtual + prompt + output."""
+        """Positions the request takes in its KV blocks: virtual + prompt + output."""
         return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
 
     @property

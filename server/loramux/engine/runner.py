@@ -10,7 +10,8 @@ import torch
 from loramux.engine import attention
 from loramux.engine.attention import AttentionMeta, PrefillSeq
 from loramux.engine.forward_context import AdapterContext
-from loramux.engine.kv_cache import KVCache
+from loramux.engine.kv_blocks import BlockPool
+from loramux.engine.paged_attention import kernel_for
 from loramux.engine.request import Request
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
-    """One forward's worth of work: new prompts to prefill and running sequences to extend."""
+    """One forward's worth of work: prefill chunks (or recomputes) and decodes, each with its `num_scheduled`."""
 
     prefill: list[Request]
     decode: list[Request]
@@ -33,14 +34,15 @@ class Batch:
 
 
 class Runner:
-    def __init__(self, wrapped: WrappedModel, cache: KVCache, lora_path: str = "auto") -> None:
+    def __init__(self, wrapped: WrappedModel, pool: BlockPool, lora_path: str = "auto") -> None:
         self.wrapped = wrapped
         self.lora_path = lora_path  # forward_context.LORA_PATHS
         self.model = wrapped.model
-        self.cache = cache
+        self.pool = pool
         self.device = wrapped.device
         # transformers' own attention implementation, before loramux's replaces it (the self-check's reference)
         self.reference_impl: str = self.model.config._attn_implementation or "eager"
+        self.kernel = kernel_for(self.device)
         attention.register()
         self.model.set_attn_implementation(attention.ATTN_IMPL)
         # attention reads its metadata from the one per-forward context, as the wrapped layers do
@@ -50,13 +52,27 @@ class Runner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
-        """Run one forward; returns the next-token logits of every request, in `batch.requests` order.
+        """Run one forward; returns the logits after each request's last new position, in `batch.requests` order.
 
+        Each request computes its positions `num_computed .. num_computed + num_scheduled`
+        into the blocks of its table (the scheduler allocated them). `run` itself moves no
+        request's state (`commit` does, once the step's tokens are drawn), so a batch that
+        fails in the forward or in sampling can be re-run as it was.
         logits: [len(batch.requests), vocab], float32.
         """
-        if batch.split_merged:
-            return self._run_split(batch)
+        return self._run_split(batch) if batch.split_merged else self._forward(batch)
+
+    @staticmethod
+    def commit(r: Request) -> None:
+        """Record that the last forward's K/V of `r` are in its blocks; called once the step's tokens are drawn.
+
+        A prompt chunk that does not end the prompt commits its positions only (it drew no token)."""
+        r.num_computed += r.num_scheduled
+        r.num_scheduled = 0
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
         reqs = batch.requests
+        bs = self.pool.block_size
         # Rows are grouped by adapter slot so each adapter is one contiguous segment;
         # within a request its tokens stay contiguous and in order.
         # The merged slot's rows go last, so the rows that undo its delta form one span (adapters/model/linear.py).
@@ -64,55 +80,71 @@ class Runner:
         order = sorted(range(len(reqs)), key=lambda i: (m >= 0 and reqs[i].adapter_slot == m, reqs[i].adapter_slot))
         ids: list[int] = []
         pos: list[int] = []
-        rows: list[int] = []
         slots: list[int] = []
+        row_slots: list[int] = []
         last_token = [0] * len(reqs)
         dec_tokens: list[int] = []
-        dec_rows: list[int] = []
+        dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
-        prefills: list[PrefillSeq] = []
-        n_prefill = len(batch.prefill)
+        # (flat start, length, context, its block table) of each prefill chunk
+        chunks: list[tuple[int, int, int, list[int]]] = []
         # (flat row of the first virtual token, its embeddings [n, hidden]) of prompt-tuned prefills
         virtual: list[tuple[int, torch.Tensor]] = []
+        # (request, first position) of KV prefixes to copy in, and the slots they go to
+        prefixes: list[tuple[Request, int]] = []
+        prefix_slots: list[int] = []
         for i in order:
             r = reqs[i]
+            end = r.num_computed + r.num_scheduled
+            if r.num_scheduled < 1 or bs * len(r.block_table) < end:
+                raise RuntimeError(f"request {r.request_id}: positions up to {end} do not fit its blocks")
             start = len(ids)
-            if r.num_computed < r.num_virtual:
-                self._place_soft_prompt(r, start, ids, virtual)
-            # A soft-prompted row holds [virtual][prompt][output]: position p is all_ids[p - num_virtual].
-            ids.extend(r.ids_from(max(r.num_computed - r.num_virtual, 0)))
+            first = r.num_computed  # first position this forward computes
+            table = r.block_table
+            if first < r.num_virtual:
+                first = self._place_soft_prompt(r, start, ids, virtual)
+                if first > r.num_computed:  # a KV prefix: its positions are copied in, not computed
+                    prefixes.append((r, r.num_computed))
+                    prefix_slots.extend(table[q // bs] * bs + q % bs for q in range(r.num_computed, first))
+            # Positions are [virtual][prompt][output]: position p >= num_virtual is all_ids[p - num_virtual].
+            nv = r.num_virtual
+            ids.extend(r.ids_from(max(first, nv) - nv)[: end - max(first, nv)])
             n = len(ids) - start
-            pos.extend(range(r.num_computed, r.num_computed + n))
-            rows.extend([r.kv_slot] * n)
-            slots.extend([r.adapter_slot] * n)
+            pos.extend(range(first, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(first, end))
+            row_slots.extend([r.adapter_slot] * n)
             last_token[i] = len(ids) - 1
-            if i < n_prefill or n != 1:
-                prefills.append(PrefillSeq(start, n, r.kv_slot, r.num_computed))
-            else:
+            if n == 1:
                 dec_tokens.append(start)
-                dec_rows.append(r.kv_slot)
-                dec_lens.append(r.num_computed + 1)
+                dec_tables.append(table[: self.pool.blocks_for(end)])
+                dec_lens.append(end)
+            else:
+                chunks.append((start, n, first, table[: self.pool.blocks_for(end)]))
 
         dev = self.device
-        # Dense decode attention reads cache rows 0..R-1 as views; worth it while few of them
-        # are idle (rows are handed out lowest-first, so running ones stay packed).
-        dense = bool(dec_rows) and max(dec_rows) + 1 <= 2 * len(dec_rows)
-        mask_lens = _mask_lengths(dec_lens, dec_rows if dense else None)
+        nb = max((len(t) for t in dec_tables), default=0)
+        padded = [b for t in dec_tables for b in t + [0] * (nb - len(t))]  # padding is masked out
+        chunk_tables = [b for c in chunks for b in c[3]]
         # Every index tensor of this forward in one host buffer and one copy to the device.
-        t = to_device([ids, pos, rows, slots, last_token, dec_tokens, dec_rows, mask_lens], dev)
-        t_ids, t_pos, t_rows, t_slots, t_last, t_dec_tokens, t_dec_rows, t_lens = t
+        t = to_device(
+            [ids, pos, slots, row_slots, last_token, dec_tokens, padded, dec_lens, chunk_tables, prefix_slots], dev
+        )
+        t_ids, t_pos, t_slots, t_row_slots, t_last, t_dec_tokens, t_tables, t_lens, t_chunks, t_prefix = t
+        tabs = t_chunks.split([len(c[3]) for c in chunks]) if chunks else []
+        prefills = [PrefillSeq(start, n, context, tab) for (start, n, context, _), tab in zip(chunks, tabs)]
+        if prefixes:
+            self._copy_prefixes(prefixes, t_prefix)
         meta = AttentionMeta(
-            cache=self.cache,
-            write_rows=t_rows,
-            write_pos=t_pos,
+            pool=self.pool,
+            kernel=self.kernel,
+            slots=t_slots,
             dec_tokens=t_dec_tokens if dec_tokens else None,
-            dec_rows=t_dec_rows if dec_rows else None,
+            dec_tables=t_tables.view(len(dec_tables), nb) if dec_tables else None,  # [B, nb]
             dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
-            dec_dense=dense,
         )
         ctx = AdapterContext.from_row_slots(
-            slots, dev, batch.merged_slot, self.lora_path, attention=meta, slots_tensor=t_slots
+            row_slots, dev, batch.merged_slot, self.lora_path, attention=meta, slots_tensor=t_row_slots
         )
         self.wrapped.holder.set(ctx)
         input_ids = t_ids[None, :]  # [1, T]
@@ -135,14 +167,6 @@ class Runner:
         self.layers_attended = meta.layers
         return out.logits[0].float()  # [len(reqs), vocab]
 
-    @staticmethod
-    def commit(r: Request) -> None:
-        """Record that the last forward's K/V of `r` are in the cache; called once its next token is drawn.
-
-        `run` itself moves no request's state, so a batch that fails (in the forward or in
-        sampling) can be re-run as it was."""
-        r.num_computed = r.seq_len
-
     def _run_split(self, batch: Batch) -> torch.Tensor:
         """Two forwards: the merged slot's rows on its merged weights (no adapter arithmetic), the rest unmerged."""
         m = batch.merged_slot
@@ -157,7 +181,7 @@ class Runner:
         for sub in subs:
             if not sub.requests:
                 continue
-            logits = self.run(sub)  # [len(sub.requests), vocab]
+            logits = self._forward(sub)  # [len(sub.requests), vocab]
             if out is None:
                 out = logits.new_empty((len(index), logits.shape[1]))
             out[[index[r] for r in sub.requests]] = logits
@@ -170,41 +194,43 @@ class Runner:
 
     def _place_soft_prompt(
         self, r: Request, start: int, ids: list[int], virtual: list[tuple[int, torch.Tensor]]
-    ) -> None:
-        """At a soft-prompted request's first prefill: its virtual rows (prompt) or its KV prefix (prefix)."""
+    ) -> int:
+        """Its virtual rows (prompt) or its KV prefix (prefix) from `r.num_computed` on.
+
+        Returns the first position the forward itself computes: `r.num_computed` for virtual
+        rows (they are rows of the forward), the prefix length for a KV prefix (`_copy_prefixes`
+        puts it in once the forward's indices are on the device).
+        """
         sp = self.wrapped.soft_prompts.get(r.adapter_slot)
         if sp is None or sp.num_virtual != r.num_virtual:
             raise RuntimeError(f"request {r.request_id}: its slot {r.adapter_slot} lost its soft prompt")
+        c = r.num_computed
         if sp.embeddings is not None:
-            rows_ = sp.embeddings[r.num_computed :]  # [n, hidden]
+            rows_ = sp.embeddings[c:]  # [n, hidden]
             virtual.append((start, rows_))
             ids.extend([0] * rows_.shape[0])  # placeholders: these rows' embeddings are replaced
-            return
-        # prefix: [layers, 2, kv_heads, P, head_dim] into cache positions 0..P-1 of every layer; the
-        # prompt is then prefilled as context P, at positions P.. (as PEFT's forward places it).
-        p = sp.num_virtual
-        for layer in range(sp.prefix.shape[0]):
-            kv = sp.prefix[layer]  # [2, kv_heads, P, head_dim]
-            k_cache, v_cache = self.cache.layer(layer, kv[0:1])
-            if k_cache.shape[1] != kv.shape[1] or k_cache.shape[3] != kv.shape[3] or k_cache.dtype != kv.dtype:
-                raise RuntimeError(f"layer {layer}: prefix {tuple(kv.shape)} does not fit the KV cache")
-            k_cache[r.kv_slot, :, :p] = kv[0]
-            v_cache[r.kv_slot, :, :p] = kv[1]
-        r.num_computed = p
+            return c
+        return sp.num_virtual
 
+    def _copy_prefixes(self, prefixes: list[tuple[Request, int]], slots: torch.Tensor) -> None:
+        """KV prefixes into their slots: request r's positions c..P-1 of every layer, `slots` [sum of P - c].
 
-def _mask_lengths(lengths: list[int], rows: list[int] | None) -> list[int]:
-    """The key length each decode-mask row sees (key j is visible when j < it).
-
-    rows=None: one per sequence, its own length. rows given: one per cache row 0..max(rows)
-    (the dense layout); rows without a sequence see every key (never an all-masked row).
-    """
-    if not lengths or rows is None:
-        return lengths
-    by_row = [max(lengths)] * (max(rows) + 1)
-    for row, n in zip(rows, lengths):
-        by_row[row] = n
-    return by_row
+        prefix: [layers, 2, kv_heads, P, head_dim]; the prompt is then computed with context P,
+        at positions P.. (as PEFT's forward places it).
+        """
+        at = 0
+        for r, c in prefixes:
+            sp = self.wrapped.soft_prompts[r.adapter_slot]
+            p = sp.num_virtual
+            where = slots[at : at + p - c]  # [P - c]
+            at += p - c
+            for layer in range(sp.prefix.shape[0]):
+                kv = sp.prefix[layer]  # [2, kv_heads, P, head_dim]
+                k_cache, v_cache = self.pool.layer(layer, kv[0:1])  # [N, bs, kv_heads, d]
+                if k_cache.shape[2] != kv.shape[1] or k_cache.shape[3] != kv.shape[3] or k_cache.dtype != kv.dtype:
+                    raise RuntimeError(f"layer {layer}: prefix {tuple(kv.shape)} does not fit the KV cache")
+                k_cache.view(-1, *k_cache.shape[2:])[where] = kv[0, :, c:].transpose(0, 1)
+                v_cache.view(-1, *v_cache.shape[2:])[where] = kv[1, :, c:].transpose(0, 1)
 
 
 def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:

@@ -1,9 +1,22 @@
-"""The scheduler: iteration-level batching with token, row and adapter-slot budgets.
+"""The scheduler: iteration-level batching with token, KV-block and adapter-slot budgets.
 
-Every step it drops what was cancelled or expired, admits waiting requests in
-arrival order while the budgets allow, and returns one `Batch`: the new prompts
-to prefill and every running request's next token. A request joins at the step
-after it arrives and leaves the step it finishes.
+Every step it drops what was cancelled or expired, then fills one step's token
+budget (`--max-batch-tokens`): first every running request, oldest first (one token
+for a decode, the next chunk for a prompt still being prefilled), then waiting
+requests in arrival order. A prompt longer than what is left of the budget is
+prefilled in chunks over several steps beside the running decodes. A request joins
+at the step after it arrives and leaves the step it finishes.
+
+KV blocks: a request gets blocks for the positions it computes this step, after
+reusing the cached blocks of its longest prefix chain (prefix_cache.py). When a
+running request needs a block and none is free, the newest running request is
+preempted: its blocks go back to the pool, it returns to the front of the queue
+keeping its output and adapter lease, and is recomputed (prompt + output as one
+prefill, often from its own cached blocks) when blocks free up. Sampling resumes
+exactly where it stopped, so a preemption changes no output. Waiting requests are
+admitted only while no request was preempted in the step and blocks are free. The
+pool holds at least one `--max-model-len` request (checked at start), so the oldest
+request always progresses.
 
 Fairness with adapter slots: when the oldest request that needs an adapter cannot
 get a device slot (all are held by running requests), the cache reserves the slot
@@ -21,7 +34,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from loramux.config import EngineConfig
-from loramux.engine.kv_cache import KVCache
+from loramux.engine.kv_blocks import BlockPool
+from loramux.engine.prefix_cache import PrefixCache
 from loramux.engine.request import Request, Status
 from loramux.engine.runner import Batch
 
@@ -55,18 +69,39 @@ class AdapterSlots(Protocol):
         of their own)."""
 
 
+class SchedulerMetrics(Protocol):
+    def preempted(self) -> None: ...
+
+    def prefix_query(self, tokens: int, hits: int) -> None: ...
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: KVCache, adapters: AdapterSlots | None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        pool: BlockPool,
+        adapters: AdapterSlots | None,
+        *,
+        max_len: int,
+        batch_tokens: int,
+        prefix: PrefixCache | None = None,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
         self.config = config
-        self.cache = cache
+        self.pool = pool
+        self.prefix = prefix or PrefixCache(pool, enabled=False)
         self.adapters = adapters
+        self.max_len = max_len
+        self.batch_tokens = batch_tokens
+        self.metrics = metrics
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the newest is last (preempted first)
+        self.preemptions = 0
         # Positions a slot's soft prompt adds in front of a prompt (the engine points it at the runner).
         self.virtual_tokens: Callable[[int], int] = lambda slot: 0
 
     def reap(self, on_dropped: Callable[[Request, str], None]) -> None:
-        """Drop cancelled and expired requests, freeing their KV rows and slots at once."""
+        """Drop cancelled and expired requests, freeing their KV blocks and slots at once."""
         now = time.monotonic()
         for queue in (self.waiting, self.running):
             for r in [r for r in queue if r.cancelled or r.expired(now)]:
@@ -77,20 +112,41 @@ class Scheduler:
     def fail_waiting(self, fail: Callable[[Request, BaseException], None]) -> None:
         """Fail every waiting request (shutdown)."""
         while self.waiting:
-            fail(self.waiting.popleft(), RuntimeError("server shutting down"))
+            r = self.waiting.popleft()
+            self.free(r)
+            fail(r, RuntimeError("server shutting down"))
 
     def schedule(self, on_error: Callable[[Request, BaseException], None]) -> Batch:
-        budget = self.config.max_batch_tokens - len(self.running)
-        admitted: list[Request] = []
         if self.adapters is not None:  # a reservation whose requests are gone must not hold a slot
             self.adapters.still_wanted({r.adapter_id for r in self.waiting if r.adapter_id})
+        budget = self.batch_tokens
+        scheduled: list[Request] = []
+        preempted_before = self.preemptions
+        i = 0
+        while i < len(self.running) and budget > 0:
+            r = self.running[i]
+            n = self._chunk(r, r.num_computed, budget)
+            if not self._grow(r, r.num_computed + n):
+                break  # r itself was the newest: it waits with the ones preempted before it
+            r.num_scheduled = n
+            budget -= n
+            scheduled.append(r)
+            i += 1
+        if self.preemptions == preempted_before:
+            self._admit(budget, scheduled, on_error)
+        decode = [r for r in scheduled if _is_decode(r)]
+        batch = Batch(prefill=[r for r in scheduled if not _is_decode(r)], decode=decode)
+        if self.adapters is not None and batch.requests:
+            batch.merged_slot, batch.split_merged = self.adapters.merge_plan(batch.requests)
+        return batch
+
+    def _admit(self, budget: int, scheduled: list[Request], on_error: Callable[[Request, BaseException], None]) -> None:
+        """Admit waiting requests in arrival order while tokens, blocks, rows and slots allow."""
         slot_blocked = False
         for r in list(self.waiting):
-            if len(self.running) + len(admitted) >= self.config.max_running or self.cache.free_rows == 0:
+            if budget <= 0 or len(self.running) >= self.config.max_running:
                 break
-            if admitted and r.prompt_len > budget:
-                break  # arrival order: a later, shorter prompt does not pass this one
-            if r.adapter_id:
+            if r.adapter_id and r.adapter_handle is None:
                 if self.adapters is None:
                     continue
                 try:
@@ -104,6 +160,7 @@ class Scheduler:
                     continue
                 r.adapter_handle = lease
                 r.adapter_slot = lease.slot
+                r.block_hashes = []  # the chain's root is the leased weights
                 # A soft prompt's virtual tokens count like prompt tokens (budget, context).
                 r.num_virtual = self.virtual_tokens(lease.slot)
                 if r.num_virtual and (err := self._too_long(r)) is not None:
@@ -111,33 +168,86 @@ class Scheduler:
                     self.waiting.remove(r)
                     on_error(r, err)
                     continue
-                if admitted and r.num_virtual + r.prompt_len > budget:
+            hit = self.prefix.match(r)
+            computed = len(hit) * self.pool.block_size
+            n = self._chunk(r, computed, budget)
+            need = self.pool.blocks_for(computed + n) - len(hit)
+            if need > self.pool.num_free:
+                self.pool.release(hit)
+                if not r.output_ids:  # never ran: hold no slot while it waits for blocks
                     self._unlease(r)
-                    break
+                break  # arrival order: nothing passes a request that waits for blocks
             self.waiting.remove(r)
-            r.kv_slot = self.cache.allocate()
+            r.block_table = hit + [self.pool.allocate() for _ in range(need)]
+            r.num_computed = computed
+            r.num_scheduled = n
+            if r.cached_tokens < 0:
+                r.cached_tokens = min(max(computed - r.num_virtual, 0), r.prompt_len)
+                if self.metrics is not None and self.prefix.enabled:
+                    self.metrics.prefix_query(r.prompt_len, r.cached_tokens)
             r.status = Status.RUNNING
-            r.first_scheduled = time.monotonic()
-            admitted.append(r)
-            budget -= r.num_virtual + r.prompt_len
-        batch = Batch(prefill=admitted, decode=list(self.running))
-        self.running.extend(admitted)
-        if self.adapters is not None and batch.requests:
-            batch.merged_slot, batch.split_merged = self.adapters.merge_plan(batch.requests)
-        return batch
+            if r.first_scheduled is None:
+                r.first_scheduled = time.monotonic()
+            self.running.append(r)
+            scheduled.append(r)
+            budget -= n
+
+    def _chunk(self, r: Request, computed: int, budget: int) -> int:
+        """Positions `r` computes this step: the rest of its sequence, at most `budget`.
+
+        A soft prompt is placed whole with at least one token after it (its virtual rows
+        are one embedding lookup, its prefix one copy), even past the budget.
+        """
+        remaining = r.seq_len - computed
+        n = min(remaining, budget)
+        if computed < r.num_virtual:
+            n = max(n, min(remaining, r.num_virtual - computed + 1))
+        return n
+
+    def _grow(self, r: Request, total: int) -> bool:
+        """Give running `r` the blocks for `total` positions, preempting the newest requests if needed.
+
+        Returns False when `r` itself had to be preempted (it was the newest).
+        """
+        need = self.pool.blocks_for(total) - len(r.block_table)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is r:
+                return False
+        r.block_table.extend(self.pool.allocate() for _ in range(max(need, 0)))
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        """Free `r`'s blocks and queue it first; it keeps its output, lease and hash chain."""
+        self.running.remove(r)
+        self.pool.release(r.block_table)
+        r.block_table = []
+        r.num_computed = 0
+        r.num_scheduled = 0
+        r.status = Status.WAITING
+        self.waiting.appendleft(r)
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
+
+    def computed(self, r: Request, before: int) -> None:
+        """After a forward computed `r`'s positions `before` .. `r.num_computed`: address its full blocks."""
+        self.prefix.commit(r, before)
 
     def _unlease(self, r: Request) -> None:
         if r.adapter_handle is not None and self.adapters is not None:
             self.adapters.release(r.adapter_handle)
         r.adapter_handle, r.adapter_slot, r.num_virtual = None, -1, 0
+        r.block_hashes = []
 
     def _too_long(self, r: Request) -> ValueError | None:
         """A soft-prompted request is checked against the context once its virtual tokens are known."""
-        if r.num_virtual + r.prompt_len + r.params.max_new_tokens <= self.cache.max_len:
+        if r.num_virtual + r.prompt_len + r.params.max_new_tokens <= self.max_len:
             return None
         return ValueError(
             f"prompt ({r.prompt_len} tokens) + the adapter's {r.num_virtual} virtual tokens + max_new_tokens "
-            f"({r.params.max_new_tokens}) exceeds the model's context of {self.cache.max_len} tokens"
+            f"({r.params.max_new_tokens}) exceeds the model's context of {self.max_len} tokens"
         )
 
     def finish(self, req: Request) -> None:
@@ -147,8 +257,8 @@ class Scheduler:
 
     def free(self, req: Request) -> None:
         req.status = Status.FINISHED
-        self.cache.release(req.kv_slot)
-        req.kv_slot = -1
+        self.pool.release(req.block_table)
+        req.block_table = []
         if req.adapter_handle is not None and self.adapters is not None:
             self.adapters.release(req.adapter_handle)
         req.adapter_handle = None
@@ -156,3 +266,8 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
+
+
+def _is_decode(r: Request) -> bool:
+    """One generated token to extend (not a prefill chunk, nor a recompute after preemption)."""
+    return r.num_scheduled == 1 and r.num_computed == r.seq_len - 1 and bool(r.output_ids)

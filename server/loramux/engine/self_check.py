@@ -22,13 +22,14 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
-from loramux.engine.kv_cache import KVCache
+from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.request import Request, SamplingParams
 from loramux.engine.runner import Batch, Runner
 
 log = logging.getLogger("loramux.self_check")
 
 DECODE_STEPS = 6
+CHECK_BLOCK = 4  # tokens per block of the check's own pool: every sequence spans several blocks
 LONGEST_PROMPT = 512
 
 
@@ -86,22 +87,24 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
     model = runner.model
     vocab = int(model.get_output_embeddings().weight.shape[0])
     prompts = check_prompts(model.config, vocab, max_len)
-    # A cache of its own, three rows just long enough: the engine's rows and sizes are left alone.
-    saved, cache = runner.cache, KVCache(3, max(len(p) for p in prompts) + DECODE_STEPS)
-    runner.cache = cache
+    # A block pool of its own, small blocks so that every sequence spans several (the engine's pool is left alone).
+    longest = max(len(p) for p in prompts) + DECODE_STEPS
+    saved, pool = runner.pool, BlockPool(3 * -(-longest // CHECK_BLOCK), CHECK_BLOCK)
+    runner.pool = pool
     params = SamplingParams(max_new_tokens=DECODE_STEPS)
     reqs = [Request(f"self-check-{i}", list(p), params) for i, p in enumerate(prompts)]
     a, b, c = reqs
     split = max(1, len(prompts[0]) // 2)
     a.prompt_ids = prompts[0][:split]  # its first half now, the rest later as a prefill after context
-    rows = [cache.allocate() for _ in reqs]
-    for r, row in zip(reqs, rows):
-        r.kv_slot = row
     try:
         # (what, request, its ids up to the step, the engine's logits [vocab]) of every step
         got: list[tuple[str, Request, list[int], torch.Tensor]] = []
 
         def run(what: str, batch: Batch) -> None:
+            for r in batch.requests:  # what the scheduler does: every position not yet computed, and its blocks
+                r.num_scheduled = r.seq_len - r.num_computed
+                while pool.block_size * len(r.block_table) < r.seq_len:
+                    r.block_table.append(pool.allocate())
             try:
                 logits = runner.run(batch)  # [len(batch.requests), vocab]
             except Exception as e:
@@ -131,7 +134,7 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
                         f"{r.request_id} at position {len(ids) - 1}: max |Δ| {err:.3g} vs logits up to {scale:.3g})"
                     )
     finally:
-        runner.cache = saved
+        runner.pool = saved
     log.info("model self-check passed: %s, %d steps against transformers' %s attention", architecture,
              len(got), reference_impl)  # fmt: skip
 
