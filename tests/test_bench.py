@@ -17,6 +17,10 @@ TINY = [
     "--single-requests", "2", "--single-output", "3", "--kinds-per-group", "2", "--bottleneck-width", "16",
     "--soft-prompt-tokens", "2", "--scale-adapters", "12", "--scale-counts", "2,12", "--scale-requests", "6",
     "--device-slots", "4", "--merged-cache-mb", "8",
+    "--capacity-rows", "1", "--capacity-requests", "4", "--capacity-prompt", "3:40", "--capacity-output", "2:6",
+    "--prefix-requests", "4", "--prefix-adapters", "2", "--prefix-system-tokens", "40", "--prefix-turn", "2:4",
+    "--prefix-output", "2", "--chunked-streams", "2", "--chunked-stream-output", "24", "--chunked-prompts", "1",
+    "--chunked-prompt-len", "300",
 ]
 EXPECTED = {
     "mixed": {"loramux-base", "loramux-mixed", "hf-static", "peft-mixed", "peft-loop"},
@@ -26,6 +30,9 @@ EXPECTED = {
     "scale": {"scale-base", "scale-n2", "scale-n12"},
     "sampling": {"mixed-greedy", "mixed-sampled", "mixed-penalties", "single-loramux", "single-hf"},
     "http": {"grpc-stream", "http-stream"},
+    "capacity": {"capacity-paged", "capacity-rows"},
+    "prefix": {"prefix-on", "prefix-off"},
+    "chunked": {"chunked-default", "chunked-off"},
 }
 # Parts of the server that other work may not have landed yet; the bench reports them as unavailable.
 MAY_BE_UNAVAILABLE = {"single-merged", "hot80-merged", "lora+soft-prompt", "lora+bottleneck"}
@@ -54,7 +61,7 @@ def test_json_has_every_config_with_sane_numbers(bench_out):
             assert s["itl_p50_s"] is not None and s["itl_p50_s"] >= 0, (suite, name)
     ratios = {r["name"]: r for suite in result["suites"].values() for r in suite["ratios"]}
     base_vs_hf = ratios["base: loramux / transformers static"]
-    assert base_vs_hf["status"] == "ok" and base_vs_hf["value"] > 0 and base_vs_hf["issues"] == [2]
+    assert base_vs_hf["status"] == "ok" and base_vs_hf["value"] > 0 and base_vs_hf["issues"] == [2, 15]
     assert ratios["mixed adapters / base-only"]["value"] > 0
     assert ratios["12 adapters / 2 adapters"]["value"] > 0
     assert ratios["sampled / greedy throughput"]["value"] > 0 and ratios["penalties / greedy throughput"]["value"] > 0
@@ -64,6 +71,15 @@ def test_json_has_every_config_with_sane_numbers(bench_out):
     assert http["http-stream"]["summary"]["tokens"] == http["grpc-stream"]["summary"]["tokens"]
     loads = result["suites"]["scale"]["adapter_load_seconds"]
     assert loads["count"] > 0  # 12 adapters over 4 device slots: some had to be loaded
+    # The KV suites: more requests at once than one row each allows, the same outputs with and without
+    # prefix caching, and stream latencies measured inside the long prompts' window.
+    capacity = ratios["requests decoding at once / what one row per request allows"]
+    assert capacity["status"] == "ok" and capacity["value"] > 1
+    assert result["suites"]["prefix"]["identical_outputs"] is True
+    assert ratios["TTFT p50: without / with prefix caching"]["status"] == "ok"
+    for name in ("chunked-default", "chunked-off"):
+        extra = result["suites"]["chunked"]["configs"][name]["extra"][0]
+        assert extra["window_tokens"] > 0, name
 
 
 def test_markdown_lists_configs_and_ratios(bench_out):

@@ -32,25 +32,30 @@ async def _run(
         stub = pb_grpc.GenerationStub(ch)
         start = time.perf_counter()
         if arrivals is None:
-            queue = list(reversed(requests))
+            queue = list(reversed(list(enumerate(requests))))
 
             async def client() -> None:
                 while queue:
-                    await _one(stub, queue.pop(), result, timeout_s)
+                    i, r = queue.pop()
+                    await _one(stub, r, result, timeout_s, i)
 
             await asyncio.gather(*(client() for _ in range(min(clients, len(requests)))))
         else:
 
-            async def at(t: float, r: BenchRequest) -> None:
+            async def at(t: float, r: BenchRequest, i: int) -> None:
                 await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
-                await _one(stub, r, result, timeout_s)
+                await _one(stub, r, result, timeout_s, i)
 
-            await asyncio.gather(*(at(t, r) for t, r in zip(arrivals, requests)))
+            await asyncio.gather(*(at(t, r, i) for i, (t, r) in enumerate(zip(arrivals, requests))))
         result.wall_s = time.perf_counter() - start
     return result
 
 
-async def _one(stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult, timeout_s: float) -> None:
+async def _one(
+    stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult, timeout_s: float, index: int = -1,
+    times: list[float] | None = None,
+) -> None:
+    """Stream one request; its token ids go to `result.outputs[index]`, its arrival times to `times`."""
     msg = pb.GenerateRequest(
         adapter_id=r.adapter_id,
         prompt_token_ids=list(r.prompt_ids),
@@ -59,6 +64,9 @@ async def _one(stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult,
     )
     sent = time.perf_counter()
     last: float | None = None
+    out = result.outputs.setdefault(index, [])
+    if times is None:
+        times = result.token_times.setdefault(index, [])
     try:
         async for m in stub.GenerateStream(msg, timeout=timeout_s):
             now = time.perf_counter()
@@ -73,5 +81,8 @@ async def _one(stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult,
                 result.itl_s.extend([(now - last) / n] * n)
             last = now
             result.tokens += n
+            out.extend(m.token_ids)
+            if times is not None:
+                times.extend([now] * n)
     except grpc.aio.AioRpcError as e:
         result.errors.append(f"{e.code().name}: {e.details()} (adapter {r.adapter_id or 'base'!r})")

@@ -33,6 +33,8 @@ class Environment:
         self.merged_note: str | None = None
         self.baselines: Baselines | None = None
         self.setup_s: dict[str, float] = {}
+        self.extra: list[LoramuxTarget] = []  # servers the KV suites start with their own flags
+        self._long_model: Path | None = None
 
     @property
     def vocab(self) -> tuple[int, int]:
@@ -73,12 +75,60 @@ class Environment:
             self.baselines = Baselines(self.model_dir, self.device, self.dtype, peft_adapters=lora)
 
     def stop(self) -> None:
-        for target in (self.server, self.merged):
+        for target in (self.server, self.merged, *self.extra):
             if target is not None:
                 try:
                     target.stop()
                 except Exception:  # tearing down must not hide the results
                     log.exception("stopping %s", target.name)
+
+    # --- the KV suites' servers ---
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one position in every layer, in the servers' dtype."""
+        import torch
+        from transformers import AutoConfig
+
+        from loramux.engine.kv_budget import kv_bytes_per_token
+
+        dtype = self.dtype if self.dtype != "auto" else ("float32" if self.device == "cpu" else "bfloat16")
+        return kv_bytes_per_token(AutoConfig.from_pretrained(self.model_dir), getattr(torch, dtype))
+
+    def kv_store(self, adapter_ids: list[str]) -> Path:
+        """A store of its own for one server, holding copies of `adapter_ids`."""
+        store = self.workdir / f"store-kv-{len(self.extra)}"
+        store.mkdir(parents=True, exist_ok=True)
+        for adapter_id in adapter_ids:
+            shutil.copytree(self.adapter_dirs[adapter_id], store / adapter_id, dirs_exist_ok=True)
+        return store
+
+    def extra_target(self, name: str, store: Path, **engine: object) -> LoramuxTarget:
+        """A server on the long-context copy of the model, with these EngineConfig fields as flags."""
+        if self.opts.server:
+            raise RuntimeError("the KV suites start servers with their own flags (not with --server)")
+        settings = ServerSettings(
+            model=str(self._long_context_model()), store=store, device=self.device, dtype=self.dtype,
+            max_device_adapters=self.opts.device_slots, threads=self.opts.threads, engine=engine,
+        )
+        target = LoramuxTarget(name, settings, spawn=self.opts.spawn, log_path=self.workdir / f"{name}.log")
+        self.extra.append(target)
+        target.start()
+        return target
+
+    def _long_context_model(self) -> Path:
+        """The model with a context of at least 4096 positions (its weights linked, its config edited)."""
+        import json
+
+        if self._long_model is None:
+            d = self.workdir / "model-long"
+            d.mkdir(parents=True, exist_ok=True)
+            for f in self.model_dir.iterdir():
+                if f.is_file() and f.name != "config.json" and not (d / f.name).exists():
+                    (d / f.name).symlink_to(f.resolve())
+            cfg = json.loads((self.model_dir / "config.json").read_text())
+            cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings") or 0), 4096)
+            (d / "config.json").write_text(json.dumps(cfg, indent=1))
+            self._long_model = d
+        return self._long_model
 
     # --- helpers ---
     def _write_groups(self, store: Path) -> None:

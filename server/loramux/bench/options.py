@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUITES = ("mixed", "hot", "kinds", "scale", "sampling", "http")
+SUITES = ("mixed", "hot", "kinds", "scale", "sampling", "http", "capacity", "prefix", "chunked")
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -57,6 +57,22 @@ class BenchOptions:
     scale_targets: tuple[str, ...] = ("q_proj", "v_proj")
     scale_zipf_s: float = 1.0
     scale_requests: int = 64
+    # suite capacity: one KV budget worth `capacity_rows` rows of 4096 tokens
+    capacity_rows: int = 4
+    capacity_requests: int = 48
+    capacity_prompt: tuple[int, int] = (16, 512)
+    capacity_output: tuple[int, int] = (16, 256)
+    # suite prefix: a shared system prompt over several adapters
+    prefix_requests: int = 64
+    prefix_adapters: int = 8
+    prefix_system_tokens: int = 1024
+    prefix_turn: tuple[int, int] = (16, 64)
+    prefix_output: int = 16
+    # suite chunked: streams decoding while long prompts arrive
+    chunked_streams: int = 16
+    chunked_stream_output: int = 160
+    chunked_prompts: int = 6
+    chunked_prompt_len: int = 2000
     # output
     out: Path = field(default_factory=lambda: Path("bench-results"))
     workdir: Path | None = None  # default: a temporary directory, removed afterwards
@@ -70,7 +86,9 @@ class BenchOptions:
             raise ValueError(f"--spawn must be subprocess or thread, got {self.spawn!r}")
         for name in ("rounds", "requests", "adapters", "rank", "batch_size", "single_requests", "single_output",
                      "kinds_per_group", "bottleneck_width", "soft_prompt_tokens", "scale_adapters", "scale_rank",
-                     "scale_requests", "device_slots"):
+                     "scale_requests", "device_slots", "capacity_rows", "capacity_requests", "prefix_requests",
+                     "prefix_adapters", "prefix_system_tokens", "prefix_output", "chunked_streams",
+                     "chunked_stream_output", "chunked_prompts", "chunked_prompt_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:

@@ -20,7 +20,10 @@ MERGED_COUNTER = "loramux_merged_batches"
 
 
 def build_suites(env: Environment) -> list[Suite]:
-    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale, "sampling": _sampling, "http": _http}
+    from loramux.bench.plan_kv import KV_SUITES
+
+    builders = {"mixed": _mixed, "hot": _hot, "kinds": _kinds, "scale": _scale, "sampling": _sampling, "http": _http,
+                **KV_SUITES}  # fmt: skip
     return [builders[name](env) for name in env.opts.suites]
 
 
@@ -106,8 +109,9 @@ def _mixed(env: Environment) -> Suite:
         configs.append(_offline("peft-loop", "PEFT set_adapter + generate, one request at a time",
                                 lambda r: bl.peft_loop("peft-loop", r), mix, 2))
     ratios = [
-        Ratio("base: loramux / transformers static", "loramux-base", "hf-static", goal=1.0, floor=1.0, issues=(2,)),
-        Ratio("mixed adapters / base-only", "loramux-mixed", "loramux-base", goal=0.9, floor=0.8, issues=(3, 8)),
+        Ratio("base: loramux / transformers static", "loramux-base", "hf-static", goal=1.8, floor=1.0,
+              issues=(2, 15)),
+        Ratio("mixed adapters / base-only", "loramux-mixed", "loramux-base", goal=0.9, floor=0.8, issues=(3, 8, 15)),
         Ratio("mixed adapters: loramux / PEFT mixed generate", "loramux-mixed", "peft-mixed", goal=3.0, floor=1.5,
               issues=(3, 8)),
         Ratio("mixed adapters: loramux / PEFT set_adapter loop", "loramux-mixed", "peft-loop", issues=(8,)),

@@ -56,6 +56,8 @@ def markdown(result: dict) -> str:
                   "| --- | ---: | --- | --- | --- | --- |"]
         for r in suite["ratios"]:
             lines.append(_ratio_row(r))
+        for note in suite.get("notes", []):
+            lines += ["", note]
         loads = suite.get("adapter_load_seconds")
         if loads:
             lines += ["", f"Adapter loads during the suite ({suite.get('device_slots')} device slots): "

@@ -17,6 +17,13 @@ class RunResult:
     itl_s: list[float] = field(default_factory=list)  # per generated token after the first
     errors: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # request index -> generated token ids
+    token_times: dict[int, list[float]] = field(default_factory=dict)  # request index -> arrival of each token
+
+    def peak_decoding(self) -> int:
+        """Most requests decoding at once: between their first and last token, as the client saw them."""
+        spans = [(ts[0], ts[-1]) for ts in self.token_times.values() if len(ts) > 1]
+        return max((sum(a <= t < b for a, b in spans) for t, _ in spans), default=0)
 
     @property
     def throughput(self) -> float:
@@ -63,4 +70,8 @@ def metric(run: RunResult, name: str) -> float | None:
         return percentile(run.itl_s, 50)
     if name == "ttft_p50":
         return percentile(run.ttft_s, 50)
+    if name == "itl_p99":
+        return percentile(run.itl_s, 99)
+    if name in ("peak_running", "max_running"):  # requests holding KV at once (sampled), and their cap
+        return run.extra.get(name)
     raise ValueError(f"unknown metric {name!r}")

@@ -36,7 +36,8 @@ class Ratio:
     name: str
     num: str  # config names
     den: str
-    metric: str = "throughput"  # throughput | itl_p50 | ttft_p50
+    metric: str = "throughput"  # throughput | itl_p50 | itl_p99 | ttft_p50 | peak_running | max_running
+    den_metric: str | None = None  # the denominator's metric when it differs (default: `metric`)
     goal: float | None = None
     floor: float | None = None  # the least that counts as done (issues give a floor and a goal)
     higher_is_better: bool = True
@@ -133,7 +134,8 @@ def _reason(c: Config, res: RunResult) -> str | None:
 
 def _ratio(r: Ratio, runs: dict[str, list[RunResult]], unavailable: dict[str, str]) -> dict:
     out = {
-        "name": r.name, "num": r.num, "den": r.den, "metric": r.metric, "goal": r.goal, "floor": r.floor,
+        "name": r.name, "num": r.num, "den": r.den, "metric": r.metric, "den_metric": r.den_metric or r.metric,
+        "goal": r.goal, "floor": r.floor,
         "higher_is_better": r.higher_is_better, "issues": list(r.issues),
     }
     missing = [n for n in (r.num, r.den) if n in unavailable or not runs.get(n)]
@@ -143,7 +145,7 @@ def _ratio(r: Ratio, runs: dict[str, list[RunResult]], unavailable: dict[str, st
         return out
     per_round = []
     for a, b in zip(runs[r.num], runs[r.den]):  # round k of one against round k of the other
-        x, y = metric(a, r.metric), metric(b, r.metric)
+        x, y = metric(a, r.metric), metric(b, r.den_metric or r.metric)
         if x is not None and y:
             per_round.append(x / y)
     if not per_round:

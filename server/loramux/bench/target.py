@@ -31,13 +31,22 @@ class ServerSettings:
     merged_cache_mb: float = 0.0
     threads: int | None = None  # OMP/MKL threads of a subprocess server
     extra_args: list[str] = field(default_factory=list)  # more `loramux serve` flags, as typed
+    # EngineConfig fields by name (kv_cache_mb=64, prefix_caching=False, ...), for either way of spawning
+    engine: dict[str, object] = field(default_factory=dict)
 
     def argv(self) -> list[str]:
+        flags: list[str] = []
+        for name, value in self.engine.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flags += [flag] if value else ["--no-" + flag[2:]]
+            else:
+                flags += [flag, str(value)]
         return [
             "--model", self.model, "--store", str(self.store), "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "0", "--http-port", "0", "--device", self.device, "--dtype", self.dtype,
             "--max-device-adapters", str(self.max_device_adapters), "--merged-cache-mb", str(self.merged_cache_mb),
-            *self.extra_args,
+            *flags, *self.extra_args,
         ]
 
 
@@ -106,7 +115,8 @@ class LoramuxTarget:
         s = self.settings
         config = ServerConfig(
             model=s.model, store=s.store, port=0, metrics_port=0, http_port=0, device=s.device, dtype=s.dtype,
-            engine=EngineConfig(max_device_adapters=s.max_device_adapters, merged_cache_mb=s.merged_cache_mb),
+            engine=EngineConfig(max_device_adapters=s.max_device_adapters, merged_cache_mb=s.merged_cache_mb,
+                                **s.engine),
         )
         server = LoramuxServer(config)
         ready = threading.Event()
