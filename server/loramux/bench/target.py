@@ -35,11 +35,14 @@ class ServerSettings:
     engine: dict[str, object] = field(default_factory=dict)
 
     def argv(self) -> list[str]:
+        from loramux.config import EngineConfig
+
         flags: list[str] = []
         for name, value in self.engine.items():
             flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                flags += [flag] if value else ["--no-" + flag[2:]]
+            if isinstance(value, bool):  # a switch: --name turns on one that defaults off, --no-name the reverse
+                if value != getattr(EngineConfig(), name):
+                    flags.append(flag if value else "--no-" + flag[2:])
             else:
                 flags += [flag, str(value)]
         return [
