@@ -112,7 +112,9 @@ def test_paging_chunking_and_preemption_change_no_output(tight, reference_llama,
     assert tight.engine.scheduler.preemptions > before, "the budget never forced a preemption"
     chunked = [st for st in spy.steps if any(not dec and k < 40 and k > 1 for _, k, dec in st)]
     assert any(any(dec for _, _, dec in st) for st in chunked), "no prefill chunk ran beside decodes"
-    assert all(sum(k for _, k, _ in st) <= 16 for st in spy.steps), "a step went over --max-batch-tokens"
+    for st in spy.steps:  # every decode runs; chunks get the rest of the 16 tokens, at least one block
+        ones = sum(k == 1 for _, k, _ in st)
+        assert sum(k for _, k, _ in st if k > 1) <= max(16 - ones, BLOCK), st
     wait_for(lambda: tight.engine.idle, "idle")
     assert tight.engine.pool.num_used == 0
     assert metric(tight, "loramux_preemptions_total") >= tight.engine.scheduler.preemptions - before > 0

@@ -70,8 +70,8 @@ class BenchOptions:
     prefix_output: int = 16
     # suite chunked: streams decoding while long prompts arrive
     chunked_streams: int = 16
-    chunked_stream_output: int = 160
-    chunked_prompts: int = 6
+    chunked_stream_output: int = 320  # long enough to decode through the whole window
+    chunked_prompts: int = 4
     chunked_prompt_len: int = 2000
     # output
     out: Path = field(default_factory=lambda: Path("bench-results"))

@@ -9,7 +9,8 @@ memory); ratios are taken within a round, as everywhere in the bench.
 - prefix: requests over several adapters sharing one long system prompt, each with its own
   turn, with and without prefix caching; their token ids must be identical. The warm-up
   sends the same prompts, so the system prompt's blocks are cached as in steady state.
-- chunked: streams decode while long prompts arrive back to back; per-token latency of the
+- chunked: streams decode while long prompts arrive one after another (each stream decodes 4
+  tokens between two of them, whatever the machine's speed); per-token latency of the
   streams over that window, on the default --max-batch-tokens and on a budget that takes
   a whole prompt in one step (the behaviour before chunked prefill).
 """
@@ -181,7 +182,7 @@ def _prefix(env: Environment) -> Suite:
 
 
 def _interference(
-    target: LoramuxTarget, name: str, streams: list[BenchRequest], longs: list[BenchRequest], long_clients: int
+    target: LoramuxTarget, name: str, streams: list[BenchRequest], longs: list[BenchRequest], gap: int = 4
 ) -> RunResult:
     """Streams decode; once each has a token, the long prompts go out; the streams' gaps inside that window."""
 
@@ -196,14 +197,12 @@ def _interference(
             tasks = [asyncio.create_task(_one(stub, r, res, 600.0, i, times[i])) for i, r in enumerate(streams)]
             while not all(times) and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.005)
-            queue = list(reversed(longs))
-
-            async def client() -> None:
-                while queue:
-                    await _one(stub, queue.pop(), longs_res, 600.0)
-
             t0 = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(long_clients)))
+            for r in longs:  # one at a time; between two, every stream decodes `gap` tokens undisturbed
+                await _one(stub, r, longs_res, 600.0)
+                marks = [len(ts) + gap for ts in times]
+                while any(len(ts) < m and not t.done() for ts, m, t in zip(times, marks, tasks)):
+                    await asyncio.sleep(0.002)
             t1 = time.perf_counter()
             await asyncio.gather(*tasks)
             res.wall_s = time.perf_counter() - start
@@ -229,8 +228,8 @@ def _chunked(env: Environment) -> Suite:
     whole = env.extra_target("chunked-off", env.kv_store([]), max_batch_tokens=LONG_CONTEXT + 64, **ctx)
 
     def config(name: str, description: str, target: LoramuxTarget) -> Config:
-        run: Callable[[], RunResult] = lambda: _interference(target, name, streams, longs, 2)  # noqa: E731
-        warm = lambda: _interference(target, name, streams[:2], longs[:1], 1)  # noqa: E731
+        run: Callable[[], RunResult] = lambda: _interference(target, name, streams, longs)  # noqa: E731
+        warm = lambda: _interference(target, name, streams[:2], longs[:1])  # noqa: E731
         return Config(name, description, run, warm=warm, target=target.name,
                       workload={"streams": len(streams), "long_prompts": len(longs),
                                 "long_prompt_len": o.chunked_prompt_len})  # fmt: skip
@@ -270,8 +269,8 @@ def _chunked(env: Environment) -> Suite:
         ),
     ]
     title = (
-        f"{len(streams)} streams decoding while {len(longs)} prompts of {o.chunked_prompt_len} tokens arrive "
-        "(2 clients, back to back); latencies are the streams' tokens inside that window, TTFT the long prompts'"
+        f"{len(streams)} streams decoding while {len(longs)} prompts of {o.chunked_prompt_len} tokens arrive"
+        " (one at a time, 4 stream tokens apart); latencies: streams' tokens in that window; TTFT: the long prompts'"
     )
     return Suite("chunked", title, configs, ratios)
 

@@ -1,11 +1,12 @@
 """The scheduler: iteration-level batching with token, KV-block and adapter-slot budgets.
 
 Every step it drops what was cancelled or expired, then fills one step's token
-budget (`--max-batch-tokens`): first every running request, oldest first (one token
-for a decode, the next chunk for a prompt still being prefilled), then waiting
-requests in arrival order. A prompt longer than what is left of the budget is
-prefilled in chunks over several steps beside the running decodes. A request joins
-at the step after it arrives and leaves the step it finishes.
+budget (`--max-batch-tokens`): every running decode gets its token; what is left of
+the budget (at least one block's worth, so prompts always progress) goes to the next
+chunks of prompts still being prefilled, oldest first, then to waiting requests in
+arrival order. A prompt longer than what is left is prefilled in chunks over several
+steps beside the running decodes. A request joins at the step after it arrives and
+leaves the step it finishes.
 
 KV blocks: a request gets blocks for the positions it computes this step, after
 reusing the cached blocks of its longest prefix chain (prefix_cache.py). When a
@@ -119,19 +120,25 @@ class Scheduler:
     def schedule(self, on_error: Callable[[Request, BaseException], None]) -> Batch:
         if self.adapters is not None:  # a reservation whose requests are gone must not hold a slot
             self.adapters.still_wanted({r.adapter_id for r in self.waiting if r.adapter_id})
-        budget = self.batch_tokens
+        # Every decode runs; prompt chunks share what is left of the budget, at least one block's worth.
+        decodes = sum(r.seq_len - r.num_computed == 1 for r in self.running)
+        budget = max(self.batch_tokens - decodes, self.pool.block_size)
         scheduled: list[Request] = []
         preempted_before = self.preemptions
-        i = 0
-        while i < len(self.running) and budget > 0:
-            r = self.running[i]
-            n = self._chunk(r, r.num_computed, budget)
+        for r in list(self.running):  # oldest first
+            if r.status is not Status.RUNNING:
+                continue  # preempted for an older one in this loop
+            if r.seq_len - r.num_computed == 1:
+                n = 1
+            elif budget > 0:
+                n = self._chunk(r, r.num_computed, budget)
+                budget -= n
+            else:
+                continue  # its next chunk waits for a step with budget left
             if not self._grow(r, r.num_computed + n):
                 break  # r itself was the newest: it waits with the ones preempted before it
             r.num_scheduled = n
-            budget -= n
             scheduled.append(r)
-            i += 1
         if self.preemptions == preempted_before:
             self._admit(budget, scheduled, on_error)
         decode = [r for r in scheduled if _is_decode(r)]
