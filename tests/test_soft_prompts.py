@@ -74,7 +74,8 @@ class LogitSpy:
         def run(batch):
             out = inner(batch)
             for r, row in zip(batch.requests, out):
-                self.rows[r.request_id].append(row.clone())
+                if r.num_computed == r.seq_len:  # not a prompt chunk that samples nothing yet
+                    self.rows[r.request_id].append(row.clone())
             self.batches.append(([r.adapter_id for r in batch.prefill], [r.adapter_id for r in batch.decode]))
             return out
 
