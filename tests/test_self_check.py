@@ -91,12 +91,13 @@ def test_layers_that_drop_their_kwargs_are_served_exactly():
     from loramux.engine.request import Request, SamplingParams
     from loramux.engine.runner import Batch
 
-    reqs = []
-    for p in PROMPTS:
-        r = Request("r", list(p), SamplingParams())
-        r.kv_slot = engine.kv.allocate()
-        reqs.append(r)
+    reqs = [Request("r", list(p), SamplingParams()) for p in PROMPTS]
+    pool = engine.pool
     for b in [Batch(prefill=reqs, decode=[])] + [Batch(prefill=[], decode=reqs) for _ in range(5)]:
+        for r in b.requests:  # the scheduler's part: the positions to compute and their blocks
+            r.num_scheduled = r.seq_len - r.num_computed
+            while pool.block_size * len(r.block_table) < r.seq_len:
+                r.block_table.append(pool.allocate())
         for r, row in zip(b.requests, engine.runner.run(b)):
             engine.runner.commit(r)
             r.output_ids.append(int(row.argmax()))
