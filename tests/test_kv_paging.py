@@ -5,14 +5,13 @@ never cross adapters or uploads, and cancelled or expired requests free every bl
 from __future__ import annotations
 
 import random
-import threading
 import time
 import urllib.request
 
 import grpc
 import pytest
 import torch
-from harness import ServerThread
+from harness import Hold, ServerThread, wait_until
 from peft import LoraConfig
 from peft_helpers import make_peft_adapter
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,21 +57,6 @@ class StepSpy:
         runner.run = run
 
 
-def hold(s: ServerThread) -> threading.Event:
-    """Hold the engine loop between two steps until the returned gate is set."""
-    gate = threading.Event()
-    s.engine.call(lambda: gate.wait(60))
-    return gate
-
-
-def wait_for(cond, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def metric(s: ServerThread, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -101,10 +85,10 @@ def test_paging_chunking_and_preemption_change_no_output(tight, reference_llama,
              for i in range(12)]  # fmt: skip
     spy = StepSpy(tight.engine.runner)
     before = tight.engine.scheduler.preemptions
-    gate = hold(tight)
+    held = Hold(tight.engine)
     futures = [tight.gen.Generate.future(greedy(ids, n, a), timeout=300) for ids, n, a in cases]
-    wait_for(lambda: tight.engine.num_waiting == len(cases), "all requests queued")
-    gate.set()
+    wait_until(lambda: tight.engine.num_waiting == len(cases), "all requests queued")
+    held.release()
     results = [f.result() for f in futures]
     for (ids, n, a), resp in zip(cases, results):
         want = reference_greedy(made[a].model if a else reference_llama, ids, n)
@@ -115,7 +99,7 @@ def test_paging_chunking_and_preemption_change_no_output(tight, reference_llama,
     for st in spy.steps:  # every decode runs; chunks get the rest of the 16 tokens, at least one block
         ones = sum(k == 1 for _, k, _ in st)
         assert sum(k for _, k, _ in st if k > 1) <= max(16 - ones, BLOCK), st
-    wait_for(lambda: tight.engine.idle, "idle")
+    wait_until(lambda: tight.engine.idle, "idle")
     assert tight.engine.pool.num_used == 0
     assert metric(tight, "loramux_preemptions_total") >= tight.engine.scheduler.preemptions - before > 0
     assert metric(tight, "loramux_kv_blocks_total") == tight.engine.pool.num_blocks == 40
@@ -132,10 +116,10 @@ def test_seeded_sampling_and_logprobs_survive_preemption(tight, tiny_llama_dir):
         return r
 
     before = tight.engine.scheduler.preemptions
-    gate = hold(tight)
+    held = Hold(tight.engine)
     futures = [tight.gen.Generate.future(req(ids, i), timeout=300) for i, ids in enumerate(cases)]
-    wait_for(lambda: tight.engine.num_waiting == len(cases), "all requests queued")
-    gate.set()
+    wait_until(lambda: tight.engine.num_waiting == len(cases), "all requests queued")
+    held.release()
     got = [f.result() for f in futures]
     assert tight.engine.scheduler.preemptions > before
     with ServerThread(tiny_llama_dir, max_model_len=MAX_LEN) as roomy:
@@ -160,7 +144,7 @@ def test_a_repeated_prefix_is_served_from_the_cache(tight, reference_llama):
     stream = list(tight.gen.GenerateStream(greedy(shared + [5, 6, 7], 8)))
     assert stream[0].cached_tokens == 40 and all(m.cached_tokens == 0 for m in stream[1:])
     assert [t for m in stream for t in m.token_ids] == list(first.token_ids)
-    wait_for(lambda: tight.engine.idle, "idle")
+    wait_until(lambda: tight.engine.idle, "idle")
     assert tight.engine.pool.num_cached > 0 and metric(tight, "loramux_kv_blocks_cached") > 0
 
 
@@ -190,12 +174,12 @@ def test_blocks_are_never_shared_across_adapters_or_uploads_of_one_id(tiny_llama
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_cancel_and_deadline_free_every_block(tight, how):
-    wait_for(lambda: tight.engine.idle, "idle")
+    wait_until(lambda: tight.engine.idle, "idle")
     tight.engine.pool.clear_cache()
     call = tight.gen.GenerateStream(greedy(list(range(3, 13)), 80), timeout=None if how == "cancel" else 5)
     stream = iter(call)
     next(stream)  # running: it holds blocks now
-    gate = hold(tight)
+    held = Hold(tight.engine)
     assert tight.engine.pool.num_used > 0
     if how == "cancel":
         call.cancel()
@@ -204,8 +188,8 @@ def test_cancel_and_deadline_free_every_block(tight, how):
             pass
     assert e.value.code() == (grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED)
     if how == "deadline":
-        wait_for(lambda: tight.engine.scheduler.running[0].expired(time.monotonic()), "the deadline")
-    gate.set()
-    wait_for(lambda: tight.engine.idle, "idle")
+        wait_until(lambda: tight.engine.scheduler.running[0].expired(time.monotonic()), "the deadline")
+    held.release()
+    wait_until(lambda: tight.engine.idle, "idle")
     pool = tight.engine.pool
     assert pool.num_used == 0 and pool.num_free == pool.num_blocks

@@ -74,7 +74,7 @@ class LogitSpy:
         def run(batch):
             out = inner(batch)
             for r, row in zip(batch.requests, out):
-                if r.num_computed == r.seq_len:  # not a prompt chunk that samples nothing yet
+                if r.num_computed + r.num_scheduled == r.seq_len:  # not a prompt chunk that samples nothing yet
                     self.rows[r.request_id].append(row.clone())
             self.batches.append(([r.adapter_id for r in batch.prefill], [r.adapter_id for r in batch.decode]))
             return out
