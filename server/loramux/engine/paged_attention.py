@@ -51,8 +51,14 @@ class TorchPagedAttention:
 
         Returns [B, heads, 1, d].
         """
-        k = gather_blocks(k_cache, tables)  # [B, kv_heads, L, d]
+        k = gather_blocks(k_cache, tables)  # [B, kv_heads, L, d], copies
         v = gather_blocks(v_cache, tables)
+        # Slots past a row's length (the rest of its last block, the padding) hold whatever their
+        # last owner left: a request whose forward overflowed leaves NaN, and a masked NaN still
+        # poisons the row (its score is NaN, and 0 · NaN = NaN in probs · V). Zero what is masked.
+        hidden = ~mask.reshape(mask.shape[0], 1, -1, 1)  # [B, 1, L, 1]
+        k.masked_fill_(hidden, 0)
+        v.masked_fill_(hidden, 0)
         return attend(q, k, v, mask, scale, softcap, sinks)
 
     def prefill(
