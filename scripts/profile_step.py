@@ -62,8 +62,10 @@ def decoding_engine(model_dir: Path, rows: int, params: SamplingParams, steps: i
     with engine._cv:
         engine.scheduler.waiting.extend(engine._inbox)
         engine._inbox.clear()
-    engine.step()  # the prefill: every later step decodes all rows
-    return engine
+    reqs = list(engine.scheduler.waiting)
+    while not all(r.output_ids for r in reqs):  # the prefills (chunked by --max-batch-tokens)
+        engine.step()
+    return engine  # every later step decodes all rows
 
 
 def main() -> None:
