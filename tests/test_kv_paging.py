@@ -106,12 +106,13 @@ def test_paging_chunking_and_preemption_change_no_output(tight, reference_llama,
 
 
 def test_seeded_sampling_and_logprobs_survive_preemption(tight, tiny_llama_dir):
-    """Sampled with seeds under preemption: the same tokens and logprobs as on a roomy server."""
+    """Sampled with seeds and penalties, chunked and preempted: the same tokens and logprobs as on a roomy server."""
     rng = random.Random(8)
     cases = [[rng.randrange(3, 259) for _ in range(rng.randint(10, 30))] for _ in range(8)]
 
     def req(ids: list[int], i: int) -> pb.GenerateRequest:
-        r = greedy(ids, 40, temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, repetition_penalty=1.1)
+        r = greedy(ids, 40, temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, repetition_penalty=1.1,
+                   presence_penalty=0.5, frequency_penalty=0.3)  # fmt: skip
         r.return_logprobs = True
         return r
 
@@ -122,6 +123,8 @@ def test_seeded_sampling_and_logprobs_survive_preemption(tight, tiny_llama_dir):
     held.release()
     got = [f.result() for f in futures]
     assert tight.engine.scheduler.preemptions > before
+    wait_until(lambda: tight.engine.idle, "idle")
+    assert tight.engine.sampler.penalties.rows_held == 0  # chunks and preemptions leave no penalty state behind
     with ServerThread(tiny_llama_dir, max_model_len=MAX_LEN) as roomy:
         want = [roomy.gen.Generate(req(ids, i), timeout=120) for i, ids in enumerate(cases)]
     for g, w in zip(got, want):

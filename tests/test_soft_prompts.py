@@ -325,3 +325,36 @@ def test_a_failing_request_does_not_fail_its_batch(store, tiny_llama_dir, refere
             assert list(f.result(timeout=120).token_ids) == forward_greedy(reference_llama, p, 6)[0]
         assert list(s.gen.Generate(req([1, 2, 3], 4)).token_ids) == forward_greedy(reference_llama, [1, 2, 3], 4)[0]
     assert any("forward failed for 4 requests" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_batch_with_a_prompt_chunk_reruns_the_chunk_alone(store, tiny_llama_dir, reference_llama, caplog):
+    """The failing batch also holds the first chunk of a long prompt: rerun alone, it commits only its
+    positions (it samples nothing yet), and the prompt's later chunks and its tokens equal transformers'."""
+    root, _ = store
+    with ServerThread(tiny_llama_dir, store=root, max_device_adapters=4, block_size=4, max_batch_tokens=24) as s:
+        s.gen.Generate(req([5, 6], 1, "prompt"))  # loads it into a slot
+        (sp,) = [p for p in s.server.wrapped.soft_prompts.values() if p.embeddings is not None]
+        sp.embeddings = torch.zeros(sp.embeddings.shape[0], sp.embeddings.shape[1] + 1)
+        prompts = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
+        long = [3 + (7 * i) % 250 for i in range(40)]  # after the others' 17 positions, 7 of the budget are left
+        batches: list[list[tuple[int, bool]]] = []  # (prompt length, a chunk short of the prompt's end?) per row
+        inner = s.engine.runner.run
+
+        def run(batch):
+            batches.append([(r.prompt_len, r.num_computed + r.num_scheduled < r.seq_len) for r in batch.requests])
+            return inner(batch)
+
+        s.engine.runner.run = run
+        with Hold(s.engine):
+            futures = [s.gen.Generate.future(req(p, 6)) for p in prompts]
+            broken = s.gen.Generate.future(req([5, 6, 7], 6, "prompt"))
+            chunked = s.gen.Generate.future(req(long, 6))
+            wait_until(lambda: s.engine.num_waiting == 5, "5 requests queued")
+        with pytest.raises(grpc.RpcError) as e:
+            broken.result(timeout=120)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        for p, f in zip(prompts + [long], futures + [chunked]):
+            assert list(f.result(timeout=120).token_ids) == forward_greedy(reference_llama, p, 6)[0]
+        assert len(batches[0]) == 5 and (40, True) in batches[0]  # the failing batch held the long prompt's chunk
+        assert [(40, True)] in batches[1:6]  # rerun alone: still a chunk, it sampled nothing
+    assert any("forward failed for 5 requests" in r.getMessage() for r in caplog.records)
