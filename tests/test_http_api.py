@@ -66,6 +66,17 @@ def test_token_id_prompts_and_several_prompts_in_one_call(server, oai) -> None:
     assert single.choices[0].text == got.choices[1].text
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(server, oai) -> None:
+    """usage.prompt_tokens_details.cached_tokens is the engine's prefix-cache count, as gRPC's cached_tokens."""
+    bs = server.engine.pool.block_size
+    ids = [3 + (5 * i) % 250 for i in range(2 * bs + 3)]  # two full blocks, then the block with the last token
+    first = oai.completions.create(model="b", prompt=ids, max_tokens=4, **GREEDY)
+    again = oai.completions.create(model="b", prompt=ids, max_tokens=4, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == 2 * bs
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].text == first.choices[0].text == grpc_answer(server, "b", 4, prompt_token_ids=ids).text
+
+
 def test_stream_joins_up_to_the_unary_text_and_reports_usage(oai) -> None:
     kw = {"model": "b", "prompt": "stream me", "max_tokens": 12, **GREEDY}
     unary = oai.completions.create(**kw)
