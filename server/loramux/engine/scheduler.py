@@ -161,6 +161,8 @@ class Scheduler:
                 except Exception as e:  # a bad or vanished adapter fails this request only
                     self.waiting.remove(r)
                     on_error(r, e)
+                    # its slot reservation goes now, not at the next step (none may come while others hold)
+                    self.adapters.still_wanted({w.adapter_id for w in self.waiting if w.adapter_id})
                     continue
                 if lease is None:
                     slot_blocked = slot_blocked or self.adapters.waiting_for_slot(r.adapter_id)
