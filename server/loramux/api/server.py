@@ -118,7 +118,7 @@ class LoramuxServer:
         )
         self.engine = Engine(self.base, wrapped, cfg.engine, adapters=self.cache, metrics=self.metrics)
         self.cache.on_ready = self.engine.wake
-        self.engine.refusal_reason = lambda err: status_for(err).name.lower()
+        self.engine.outcomes.refusal_reason = lambda err: status_for(err).name.lower()
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
         self.generation.attach(self.engine, self.store.exists)
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)

@@ -19,12 +19,12 @@ from loramux.config import EngineConfig, default_batch_tokens
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.kv_budget import plan_num_blocks
+from loramux.engine.outcomes import Outcomes
 from loramux.engine.prefix_cache import PrefixCache
 from loramux.engine.request import FinishReason, InvalidParameter, Request, TokenEvent
 from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
-from loramux.logs import log_request, prompts_logged
 from loramux.model import BaseModel
 
 log = logging.getLogger("loramux.engine")
@@ -74,10 +74,8 @@ class Engine:
         self.steps = 0
         # Requests the server makes itself (the warm-up): run like any other, but
         # not counted in metrics or logged, so the counters equal client traffic.
-        self.quiet: set[Request] = set()
-        # Why a request refused at admission was refused (the API's status name, lower case:
-        # "not_found", ...); "internal" for a failure that is not a refusal. The server sets it.
-        self.refusal_reason: Callable[[BaseException], str] = lambda err: "internal"
+        self.outcomes = Outcomes(base.tokenizer, self.sampler, metrics)
+        self.quiet = self.outcomes.quiet
 
     def self_check(self) -> None:
         """Before SERVING: the engine's logits equal plain transformers' (self_check.py); raises ModelCheckFailed."""
@@ -194,17 +192,17 @@ class Engine:
                     # Waiting only for adapters to load: sleep until woken or a short timeout.
                     if not self._inbox and not self._calls and not self._stop:
                         self._cv.wait(timeout=0.05)
-        self.scheduler.reap(self._dropped)
+        self.scheduler.reap(self.outcomes.dropped)
         for r in list(self.scheduler.running):  # cut short (drain timeout): counted and logged as errors
             self.scheduler.finish(r)
-            self._fail(r, RuntimeError("server shut down"))
-        self.scheduler.fail_waiting(self._fail)
+            self.outcomes.fail(r, RuntimeError("server shut down"))
+        self.scheduler.fail_waiting(self.outcomes.fail)
         self._gauges()
 
     def step(self) -> bool:
         """One iteration. Returns False when there was nothing to run."""
-        self.scheduler.reap(self._dropped)
-        batch = self.scheduler.schedule(self._refused)
+        self.scheduler.reap(self.outcomes.dropped)
+        batch = self.scheduler.schedule(self.outcomes.refused)
         self._gauges()
         if not batch.requests:
             return False
@@ -228,7 +226,7 @@ class Engine:
             if tok is None:  # this row alone had non-finite logits: only its request fails
                 log.error("request %s: the model's logits are not finite (NaN or inf)", r.request_id)
                 self.scheduler.finish(r)
-                self._fail(r, RuntimeError("the model produced non-finite logits for this request"))
+                self.outcomes.fail(r, RuntimeError("the model produced non-finite logits for this request"))
                 continue
             self._commit(r)
             self._advance(r, tok, lp, now)
@@ -284,7 +282,7 @@ class Engine:
             except Exception as e:
                 log.exception("request %s failed in the forward", r.request_id)
                 self.scheduler.finish(r)
-                self._fail(r, e)
+                self.outcomes.fail(r, e)
                 continue
             partial.extend(part)
             ok.extend(done)
@@ -312,72 +310,8 @@ class Engine:
         if final:
             r.finish_reason = finish
             self.scheduler.finish(r)
-            self._record(r, "ok")
-        self._emit(r, TokenEvent([tok], text, [lp] if lp is not None else [], finish))
-
-    def _emit(self, r: Request, ev: TokenEvent) -> None:
-        try:
-            r.sink(ev)
-        except Exception:  # a sink whose client went away must not hurt the batch
-            log.exception("sink of request %s failed", r.request_id)
-
-    def _fail(self, r: Request, err: BaseException) -> None:
-        self._record(r, "error")
-        self._emit(r, TokenEvent([], "", [], error=err))
-
-    def _refused(self, r: Request, err: BaseException) -> None:
-        """A waiting request the scheduler could not admit (its adapter was deleted or is bad,
-        every slot is pinned, too long with its soft prompt): counted as rejected, by reason."""
-        reason = self.refusal_reason(err)
-        if reason == "internal":
-            self._fail(r, err)
-            return
-        self._record(r, "rejected", reason)
-        self._emit(r, TokenEvent([], "", [], error=err))
-
-    def _dropped(self, r: Request, why: str) -> None:
-        self._record(r, why)
-        self._emit(r, TokenEvent([], "", [], cancelled=True))
-
-    def _record(self, r: Request, status: str, reason: str = "") -> None:
-        """The one place a finished request is counted and logged (and its sampling state freed)."""
-        self.sampler.release(r)
-        if r in self.quiet:
-            self.quiet.discard(r)
-            return
-        end = time.monotonic()
-        queue_s = (r.first_scheduled or end) - r.arrival
-        ttft = (r.first_token_at - r.arrival) if r.first_token_at is not None else None
-        record = {
-            "request_id": r.request_id,
-            "adapter_id": r.adapter_id,
-            "status": status,
-            "finish_reason": r.finish_reason.name.lower(),
-            "prompt_tokens": r.prompt_len,
-            "generated_tokens": len(r.output_ids),
-            "queue_s": queue_s,
-            "ttft_s": ttft,
-            "total_s": end - r.arrival,
-            "frontend": r.frontend,
-        }
-        if reason:
-            record["code"] = reason.upper()
-        if prompts_logged():  # --log-prompts: decoded only then, so the default costs nothing
-            record["prompt"] = self.base.tokenizer.decode(r.prompt_ids)
-        log_request(record)
-        if self.metrics is not None and status == "rejected":
-            self.metrics.request_rejected(reason, frontend=r.frontend)
-        elif self.metrics is not None:
-            self.metrics.request_finished(
-                status,
-                r.prompt_len,
-                len(r.output_ids),
-                queue_s,
-                ttft,
-                end - r.arrival,
-                r.adapter_id or None,
-                frontend=r.frontend,
-            )
+            self.outcomes.record(r, "ok")
+        self.outcomes.emit(r, TokenEvent([tok], text, [lp] if lp is not None else [], finish))
 
     def _gauges(self) -> None:
         if self.metrics is not None:
