@@ -31,8 +31,12 @@ class ServerThread:
         rest.setdefault("device", "cpu")
         rest.setdefault("http_port", -1)  # the OpenAI-compatible API only where a test asks for it (http_port=0)
         self.config = ServerConfig(
-            model=str(model), store=store or Path(tempfile.mkdtemp(prefix="loramux-store-")), port=0, metrics_port=0,
-            engine=engine, **rest,
+            model=str(model),
+            store=store or Path(tempfile.mkdtemp(prefix="loramux-store-")),
+            port=0,
+            metrics_port=0,
+            engine=engine,
+            **rest,
         )
         self.loop = asyncio.new_event_loop()
         self.server = LoramuxServer(self.config)
@@ -140,9 +144,27 @@ class ServeProcess:
     def __init__(self, model: Path, tmp: Path, *extra: str) -> None:
         self.out, self.err = tmp / "stdout", tmp / "stderr"
         env = {**os.environ, "PYTHONPATH": str(REPO / "server")}
-        cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(model), "--store", str(tmp / "store"),
-               "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--log-format", "json",
-               *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loramux.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--store",
+            str(tmp / "store"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-format",
+            "json",
+            *extra,
+        ]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp)
         started = lambda: self.proc.poll() is not None or self._addresses() is not None  # noqa: E731

@@ -29,9 +29,7 @@ def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def greedy_request(ids: list[int], n: int, **kw: object) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        prompt_token_ids=ids, params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True), **kw
-    )
+    return pb.GenerateRequest(prompt_token_ids=ids, params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True), **kw)
 
 
 def wait_idle(server: ServerThread, timeout: float = 10.0) -> None:

@@ -180,14 +180,16 @@ def test_cost_model_and_traffic_window():
 
 def peft_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def req(ids: list[int], n: int, adapter: str = "") -> pb.GenerateRequest:
-    return pb.GenerateRequest(adapter_id=adapter, prompt_token_ids=ids,
-                              params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True))
+    return pb.GenerateRequest(
+        adapter_id=adapter, prompt_token_ids=ids, params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True)
+    )
 
 
 def metric(s: ServerThread, prefix: str) -> float:
@@ -214,6 +216,7 @@ def test_server_merge_unmerge_in_flight_all_exact(store, tiny_llama_dir, referen
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(Runner, "_run_split", counting("split", Runner._run_split))
@@ -254,8 +257,9 @@ def test_server_auto_policy_and_forget(store, tiny_llama_dir, tmp_path, referenc
     for n in ("lora", "rslora", "dora"):
         shutil.copytree(root / n, own / n)
     rng = random.Random(9)
-    with ServerThread(tiny_llama_dir, store=own, max_device_adapters=3, merged_cache_mb=4, merge_threshold=0.5,
-                      merge_window_tokens=64) as s:
+    with ServerThread(
+        tiny_llama_dir, store=own, max_device_adapters=3, merged_cache_mb=4, merge_threshold=0.5, merge_window_tokens=64
+    ) as s:
         cache = s.server.cache
         cases = [([rng.randrange(3, 259) for _ in range(6)], 8, "lora" if i % 5 else ["rslora", ""][i % 2])
                  for i in range(12)]  # fmt: skip
@@ -270,8 +274,9 @@ def test_server_auto_policy_and_forget(store, tiny_llama_dir, tmp_path, referenc
         # copy of the old weights goes, and the new weights serve exactly
         weights = (root / "rslora" / "adapter_model.safetensors").read_bytes()
         config = (root / "rslora" / "adapter_config.json").read_text()
-        session = s.server.store.begin_upload("lora", config, hashlib.sha256(weights).hexdigest(), len(weights),
-                                              True, 64 * MB)
+        session = s.server.store.begin_upload(
+            "lora", config, hashlib.sha256(weights).hexdigest(), len(weights), True, 64 * MB
+        )
         with session:
             session.write(weights)
             session.finish(s.server.validate_adapter)

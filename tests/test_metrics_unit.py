@@ -64,9 +64,7 @@ class Scrape:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.types = {
-            line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")
-        }
+        self.types = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
         self.families = list(text_string_to_metric_families(text))
         self.values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
         for fam in self.families:
@@ -272,8 +270,16 @@ def test_bad_label_bounds_rejected() -> None:
 # ---- request logs -------------------------------------------------------------
 
 RECORD = {
-    "request_id": "r-1", "adapter_id": "a", "prompt_tokens": 3, "generated_tokens": 2, "queue_s": 0.0012345678,
-    "ttft_s": None, "total_s": 1.5, "status": "ok", "finish_reason": "eos", "prompt": "secret prompt",
+    "request_id": "r-1",
+    "adapter_id": "a",
+    "prompt_tokens": 3,
+    "generated_tokens": 2,
+    "queue_s": 0.0012345678,
+    "ttft_s": None,
+    "total_s": 1.5,
+    "status": "ok",
+    "finish_reason": "eos",
+    "prompt": "secret prompt",
     "text": "secret output",
 }
 
@@ -299,8 +305,17 @@ def test_json_request_line(log_stream: io.StringIO) -> None:
     assert len(lines) == 1
     line = json.loads(lines[0])
     assert line["logger"] == "loramux.request" and line["level"] == "INFO"
-    for key in ("request_id", "adapter_id", "prompt_tokens", "generated_tokens", "queue_s", "ttft_s", "total_s",
-                "status", "finish_reason"):
+    for key in (
+        "request_id",
+        "adapter_id",
+        "prompt_tokens",
+        "generated_tokens",
+        "queue_s",
+        "ttft_s",
+        "total_s",
+        "status",
+        "finish_reason",
+    ):
         assert key in line
     assert line["queue_s"] == 0.001235 and line["ttft_s"] is None and line["generated_tokens"] == 2
     assert "prompt" not in line and "text" not in line

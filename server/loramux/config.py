@@ -97,9 +97,7 @@ class ServerConfig:
     allowed_adapter_dir: Path | None = _flag(
         None, "the directory /v1/load_lora_adapter may load from (unset: that endpoint is off)"
     )
-    threads: int = _flag(
-        0, "torch threads (0 = one less than the available cores: the server's own threads need one)"
-    )
+    threads: int = _flag(0, "torch threads (0 = one less than the available cores: the server's own threads need one)")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:

@@ -21,8 +21,25 @@ from loramux.adapter_labels import AdapterLabels
 # Latency buckets from 1 ms (a GPU decode step) to 60 s (a long CPU generation):
 # dense at the low end, where inter-token and forward times live.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
-    0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
 )
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -43,6 +60,7 @@ MERGE_ACTIONS: tuple[str, ...] = ("merge", "unmerge", "evict")
 # The APIs a request can come through.
 FRONTENDS: tuple[str, ...] = ("grpc", "http")
 
+
 def _package_version() -> str:
     try:
         return metadata.version("loramux")
@@ -53,13 +71,18 @@ def _package_version() -> str:
 class Metrics:
     """All loramux collectors, registered in a private registry."""
 
-    def __init__(self, max_adapter_labels: int = 32, adapter_label_half_life_s: float = 300.0,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        max_adapter_labels: int = 32,
+        adapter_label_half_life_s: float = 300.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
 
-        def hist(name: str, doc: str, labels: tuple[str, ...] = (),
-                 buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        def hist(
+            name: str, doc: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] = LATENCY_BUCKETS
+        ) -> Histogram:
             return Histogram(name, doc, labels, registry=r, buckets=buckets)
 
         # prometheus_client appends `_total` to counter names itself, so counters
@@ -74,20 +97,25 @@ class Metrics:
         self.inter_token = hist("loramux_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
         self.request_latency = hist("loramux_request_latency_seconds", "Arrival to finish, per request.")
         self.request_queue = hist("loramux_request_queue_seconds", "Arrival to admission into the running batch.")
-        self.adapter_load_seconds = hist("loramux_adapter_load_seconds", "Time to bring an adapter into a tier.",
-                                         ("tier",))
+        self.adapter_load_seconds = hist(
+            "loramux_adapter_load_seconds", "Time to bring an adapter into a tier.", ("tier",)
+        )
         self.batch_forward = hist("loramux_batch_forward_seconds", "One model forward.", ("phase",))
-        self.batch_size = hist("loramux_batch_size", "Sequences in one model forward.", ("phase",),
-                               buckets=BATCH_SIZE_BUCKETS)
+        self.batch_size = hist(
+            "loramux_batch_size", "Sequences in one model forward.", ("phase",), buckets=BATCH_SIZE_BUCKETS
+        )
 
         self.requests = counter(
-            "loramux_requests", "Requests that ended, by final status (rejected = refused at admission).",
-            ("status",))
+            "loramux_requests", "Requests that ended, by final status (rejected = refused at admission).", ("status",)
+        )
         self.frontend_requests = counter(
-            "loramux_frontend_requests", "Requests that ended, by the API they came through and final status.",
-            ("frontend", "status"))
-        self.rejected = counter("loramux_requests_rejected", "Requests refused at admission, by gRPC status code.",
-                                ("reason",))
+            "loramux_frontend_requests",
+            "Requests that ended, by the API they came through and final status.",
+            ("frontend", "status"),
+        )
+        self.rejected = counter(
+            "loramux_requests_rejected", "Requests refused at admission, by gRPC status code.", ("reason",)
+        )
         self.prompt_tokens = counter("loramux_prompt_tokens", "Prompt tokens of finished requests.")
         self.generated_tokens = counter("loramux_generated_tokens", "Generated tokens of finished requests.")
         self.cache_hits = counter("loramux_adapter_cache_hits", "Adapter found resident in a tier.", ("tier",))
@@ -96,22 +124,27 @@ class Metrics:
         self.merged_batches = counter("loramux_merged_batches", "Forwards that ran on merged adapter weights.")
         self.merge_decisions = counter("loramux_merge_decisions", "Merged-cache policy decisions.", ("action",))
         self.adapter_requests = counter(
-            "loramux_adapter_requests", "Finished requests per adapter (bounded: most active N, rest `other`).",
-            ("adapter",))
+            "loramux_adapter_requests",
+            "Finished requests per adapter (bounded: most active N, rest `other`).",
+            ("adapter",),
+        )
         self.adapter_generated_tokens = counter(
-            "loramux_adapter_generated_tokens", "Generated tokens per adapter (same bounded labels).", ("adapter",))
+            "loramux_adapter_generated_tokens", "Generated tokens per adapter (same bounded labels).", ("adapter",)
+        )
 
         self.running = gauge("loramux_requests_running", "Requests in the running batch.")
         self.waiting = gauge("loramux_requests_waiting", "Requests queued, not yet admitted.")
         self.adapters_resident = gauge("loramux_adapters_resident", "Adapters resident in a tier.", ("tier",))
-        self.adapter_bytes_resident = gauge("loramux_adapter_bytes_resident", "Adapter bytes resident in a tier.",
-                                            ("tier",))
+        self.adapter_bytes_resident = gauge(
+            "loramux_adapter_bytes_resident", "Adapter bytes resident in a tier.", ("tier",)
+        )
         self.device_slots_free = gauge("loramux_device_slots_free", "Free adapter slots on the device.")
         self.kv_blocks_used = gauge("loramux_kv_blocks_used", "KV blocks held by running requests.")
         self.kv_blocks_cached = gauge("loramux_kv_blocks_cached", "Idle KV blocks that hold a reusable prefix.")
         self.kv_blocks_total = gauge("loramux_kv_blocks_total", "KV blocks in the pool.")
-        self.prefix_queries = counter("loramux_prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache (first admission).")
+        self.prefix_queries = counter(
+            "loramux_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (first admission)."
+        )
         self.prefix_hits = counter("loramux_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.preemptions = counter("loramux_preemptions", "Running requests preempted because KV blocks ran out.")
 
@@ -148,9 +181,17 @@ class Metrics:
 
     # ---- per request ---------------------------------------------------------
 
-    def request_finished(self, status: str, prompt_tokens: int, generated_tokens: int, queue_s: float | None,
-                         ttft_s: float | None, total_s: float | None, adapter_id: str | None,
-                         frontend: str = "grpc") -> None:
+    def request_finished(
+        self,
+        status: str,
+        prompt_tokens: int,
+        generated_tokens: int,
+        queue_s: float | None,
+        ttft_s: float | None,
+        total_s: float | None,
+        adapter_id: str | None,
+        frontend: str = "grpc",
+    ) -> None:
         """Once per request that ended, whatever the status. A `None` time is not
         observed (e.g. no queue time for a request rejected before queueing, no
         TTFT for one that produced no token). `adapter_id` empty/None = base model.

@@ -39,12 +39,19 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     d = BenchOptions()
-    p = sub.add_parser("bench", help="benchmark loramux against transformers and PEFT on the same requests",
-                       description="Runs configurations side by side (interleaved rounds) and writes "
-                       "result.json, result.md and PNG plots (with the 'plots' extra) under --out.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark loramux against transformers and PEFT on the same requests",
+        description="Runs configurations side by side (interleaved rounds) and writes "
+        "result.json, result.md and PNG plots (with the 'plots' extra) under --out.",
+    )
     g = p.add_argument_group("model and servers")
-    g.add_argument("--preset", default=d.preset, choices=["tiny", "cpu", "gpu-1b"],
-                   help="synthetic random-weight Llama (cpu: hidden 512, 4 layers; gpu-1b: ~1B, bfloat16, CUDA)")
+    g.add_argument(
+        "--preset",
+        default=d.preset,
+        choices=["tiny", "cpu", "gpu-1b"],
+        help="synthetic random-weight Llama (cpu: hidden 512, 4 layers; gpu-1b: ~1B, bfloat16, CUDA)",
+    )
     g.add_argument("--model", default=None, help="a model directory instead of a synthetic preset")
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
@@ -52,8 +59,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--merged-server", default=None, help="HOST:PORT of a running server with a merged cache")
     g.add_argument("--metrics-url", default=None, help="the running server's /metrics URL (adapter load times)")
     g.add_argument("--spawn", default=d.spawn, choices=["subprocess", "thread"], help="how to start the servers")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the bench process and the servers it starts (default: torch's)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the bench process and the servers it starts (default: torch's)",
+    )
     g.add_argument("--device-slots", type=int, default=d.device_slots, help="--max-device-adapters of the servers")
     g.add_argument("--merged-cache-mb", type=float, default=d.merged_cache_mb)
     g = p.add_argument_group("what runs")
@@ -85,8 +96,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--scale-targets", type=_names, default=d.scale_targets)
     g.add_argument("--scale-zipf-s", type=float, default=d.scale_zipf_s)
     g.add_argument("--scale-requests", type=int, default=d.scale_requests)
-    g.add_argument("--capacity-rows", type=int, default=d.capacity_rows,
-                   help="capacity suite: the KV budget, in rows of 4096 tokens")
+    g.add_argument(
+        "--capacity-rows",
+        type=int,
+        default=d.capacity_rows,
+        help="capacity suite: the KV budget, in rows of 4096 tokens",
+    )
     g.add_argument("--capacity-requests", type=int, default=d.capacity_requests)
     g.add_argument("--capacity-prompt", type=_range, default=d.capacity_prompt)
     g.add_argument("--capacity-output", type=_range, default=d.capacity_output)
@@ -180,8 +195,13 @@ def _machine(env, load_before: list[float] | None) -> dict:  # noqa: ANN001 (an 
     else:
         what = f"{cpus}-core CPU ({platform.machine()}), {torch.get_num_threads()} torch threads"
     return {
-        "description": what, "cpus": cpus, "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": _loadavg(),
+        "description": what,
+        "cpus": cpus,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
     }
 
 
@@ -190,7 +210,10 @@ def _model_info(env) -> dict:  # noqa: ANN001 (an Environment)
     name = env.opts.model or f"synthetic Llama (preset {env.opts.preset}, random weights)"
     return {
         "description": f"{name}: {s.num_params / 1e6:.1f}M parameters, hidden {s.hidden_size}, "
-                       f"{s.num_layers} layers, {env.dtype} on {env.device}",
-        "params": s.num_params, "hidden_size": s.hidden_size, "layers": s.num_layers, "device": env.device,
+        f"{s.num_layers} layers, {env.dtype} on {env.device}",
+        "params": s.num_params,
+        "hidden_size": s.hidden_size,
+        "layers": s.num_layers,
+        "device": env.device,
         "dtype": env.dtype,
     }

@@ -14,7 +14,11 @@ from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 
 def run_requests(
-    address: str, config: str, requests: list[BenchRequest], clients: int, arrivals: list[float] | None = None,
+    address: str,
+    config: str,
+    requests: list[BenchRequest],
+    clients: int,
+    arrivals: list[float] | None = None,
     timeout_s: float = 600.0,
 ) -> RunResult:
     """Send `requests` (closed loop of `clients`, or open loop at `arrivals`) and time every token."""
@@ -22,7 +26,11 @@ def run_requests(
 
 
 async def _run(
-    address: str, config: str, requests: list[BenchRequest], clients: int, arrivals: list[float] | None,
+    address: str,
+    config: str,
+    requests: list[BenchRequest],
+    clients: int,
+    arrivals: list[float] | None,
     timeout_s: float,
 ) -> RunResult:
     result = RunResult(config=config, requests=len(requests))
@@ -52,7 +60,11 @@ async def _run(
 
 
 async def _one(
-    stub: pb_grpc.GenerationStub, r: BenchRequest, result: RunResult, timeout_s: float, index: int = -1,
+    stub: pb_grpc.GenerationStub,
+    r: BenchRequest,
+    result: RunResult,
+    timeout_s: float,
+    index: int = -1,
     times: list[float] | None = None,
 ) -> None:
     """Stream one request; its token ids go to `result.outputs[index]`, its arrival times to `times`."""

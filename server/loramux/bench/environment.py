@@ -106,8 +106,13 @@ class Environment:
         if self.opts.server:
             raise RuntimeError("the KV suites start servers with their own flags (not with --server)")
         settings = ServerSettings(
-            model=str(self._long_context_model()), store=store, device=self.device, dtype=self.dtype,
-            max_device_adapters=self.opts.device_slots, threads=self.opts.threads, engine=engine,
+            model=str(self._long_context_model()),
+            store=store,
+            device=self.device,
+            dtype=self.dtype,
+            max_device_adapters=self.opts.device_slots,
+            threads=self.opts.threads,
+            engine=engine,
         )
         target = LoramuxTarget(name, settings, spawn=self.opts.spawn, log_path=self.workdir / f"{name}.log")
         self.extra.append(target)
@@ -154,20 +159,29 @@ class Environment:
                 self.adapter_dirs[spec.adapter_id] = write_adapter(spec, self.shape, store)
                 ids.append(spec.adapter_id)
             self.groups[group] = ids
-        log.info("wrote %d adapters (%s)", len(self.adapter_dirs),
-                 ", ".join(f"{g}: {len(v)}" for g, v in self.groups.items()))
+        log.info(
+            "wrote %d adapters (%s)",
+            len(self.adapter_dirs),
+            ", ".join(f"{g}: {len(v)}" for g, v in self.groups.items()),
+        )
 
     def _target(self, name: str, store: Path, address: str | None, merged_cache_mb: float) -> LoramuxTarget:
         o = self.opts
         if address:
-            target = LoramuxTarget(name, spawn="external", address=address,
-                                   metrics_url=o.metrics_url if name == "loramux" else None)
+            target = LoramuxTarget(
+                name, spawn="external", address=address, metrics_url=o.metrics_url if name == "loramux" else None
+            )
             for adapter_id in sorted(p.name for p in store.iterdir() if p.is_dir()):
                 target.upload(store / adapter_id, adapter_id)
             return target
         settings = ServerSettings(
-            model=str(self.model_dir), store=store, device=self.device, dtype=self.dtype,
-            max_device_adapters=o.device_slots, merged_cache_mb=merged_cache_mb, threads=o.threads,
+            model=str(self.model_dir),
+            store=store,
+            device=self.device,
+            dtype=self.dtype,
+            max_device_adapters=o.device_slots,
+            merged_cache_mb=merged_cache_mb,
+            threads=o.threads,
         )
         target = LoramuxTarget(name, settings, spawn=o.spawn, log_path=self.workdir / f"{name}.log")
         target.start()

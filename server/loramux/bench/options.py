@@ -84,11 +84,32 @@ class BenchOptions:
             raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
         if self.spawn not in ("subprocess", "thread"):
             raise ValueError(f"--spawn must be subprocess or thread, got {self.spawn!r}")
-        for name in ("rounds", "requests", "adapters", "rank", "batch_size", "single_requests", "single_output",
-                     "kinds_per_group", "bottleneck_width", "soft_prompt_tokens", "scale_adapters", "scale_rank",
-                     "scale_requests", "device_slots", "capacity_rows", "capacity_requests", "prefix_requests",
-                     "prefix_adapters", "prefix_system_tokens", "prefix_output", "chunked_streams",
-                     "chunked_stream_output", "chunked_prompts", "chunked_prompt_len"):
+        for name in (
+            "rounds",
+            "requests",
+            "adapters",
+            "rank",
+            "batch_size",
+            "single_requests",
+            "single_output",
+            "kinds_per_group",
+            "bottleneck_width",
+            "soft_prompt_tokens",
+            "scale_adapters",
+            "scale_rank",
+            "scale_requests",
+            "device_slots",
+            "capacity_rows",
+            "capacity_requests",
+            "prefix_requests",
+            "prefix_adapters",
+            "prefix_system_tokens",
+            "prefix_output",
+            "chunked_streams",
+            "chunked_stream_output",
+            "chunked_prompts",
+            "chunked_prompt_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:

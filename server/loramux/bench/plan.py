@@ -30,8 +30,14 @@ def build_suites(env: Environment) -> list[Suite]:
 def _spec(env: Environment, **overrides: object) -> WorkloadSpec:
     o = env.opts
     spec = WorkloadSpec(
-        num_requests=o.requests, clients=o.clients, rate=o.rate, prompt_len=o.prompt_len, output_len=o.output_len,
-        vocab=env.vocab, seed=o.seed, zipf_s=o.zipf_s,
+        num_requests=o.requests,
+        clients=o.clients,
+        rate=o.rate,
+        prompt_len=o.prompt_len,
+        output_len=o.output_len,
+        vocab=env.vocab,
+        seed=o.seed,
+        zipf_s=o.zipf_s,
     )
     return replace(spec, **overrides)
 
@@ -43,15 +49,27 @@ def _warm_requests(reqs: list[BenchRequest], slots: int) -> list[BenchRequest]:
     return [replace(r, max_new_tokens=min(r.max_new_tokens, 4)) for r in picked]
 
 
-def _served(env: Environment, name: str, target: LoramuxTarget | None, spec: WorkloadSpec, description: str,
-            merged: bool = False, warm_full: bool = False, http: bool = False) -> Config:
+def _served(
+    env: Environment,
+    name: str,
+    target: LoramuxTarget | None,
+    spec: WorkloadSpec,
+    description: str,
+    merged: bool = False,
+    warm_full: bool = False,
+    http: bool = False,
+) -> Config:
     """A configuration that sends `spec`'s requests to a loramux server (streamed, over gRPC or HTTP)."""
     if target is None or (http and not target.http_url):
-        why = "no HTTP API address (a running server was given with --server)" if target is not None else \
-            f"no merged-cache server: {env.merged_note or 'not started'}"
+        why = (
+            "no HTTP API address (a running server was given with --server)"
+            if target is not None
+            else f"no merged-cache server: {env.merged_note or 'not started'}"
+        )
 
         def missing() -> RunResult:
             raise RuntimeError(why)
+
         return Config(name, description, missing, warm=missing, workload=spec.describe(), target="-")
     reqs = make_requests(spec)
     arrivals = arrival_times(spec)
@@ -64,14 +82,23 @@ def _served(env: Environment, name: str, target: LoramuxTarget | None, spec: Wor
             res = run_requests(target.address, name, batch, spec.clients, times)
         after = target.metrics_text()
         loads = histogram_delta(before, after, LOAD_HISTOGRAM)
-        res.extra = {"merged_batches": counter_delta(before, after, MERGED_COUNTER),
-                     "adapter_loads": loads["count"] if loads else None}
+        res.extra = {
+            "merged_batches": counter_delta(before, after, MERGED_COUNTER),
+            "adapter_loads": loads["count"] if loads else None,
+        }
         return res
 
     warm_reqs = reqs[:16] if warm_full else _warm_requests(reqs, env.opts.device_slots)
     check = _merged_check if merged else None
-    return Config(name, description, run, warm=lambda: run(warm_reqs, None), check=check,
-                  workload=spec.describe(), target=target.name)
+    return Config(
+        name,
+        description,
+        run,
+        warm=lambda: run(warm_reqs, None),
+        check=check,
+        workload=spec.describe(),
+        target=target.name,
+    )
 
 
 def _merged_check(runs: list[RunResult]) -> str | None:
@@ -83,12 +110,14 @@ def _merged_check(runs: list[RunResult]) -> str | None:
     return None
 
 
-def _offline(name: str, description: str, fn: Callable[[list[BenchRequest]], RunResult], spec: WorkloadSpec,
-             warm_count: int) -> Config:
+def _offline(
+    name: str, description: str, fn: Callable[[list[BenchRequest]], RunResult], spec: WorkloadSpec, warm_count: int
+) -> Config:
     reqs = make_requests(spec)
     warm = [replace(r, max_new_tokens=min(r.max_new_tokens, 4)) for r in reqs[:warm_count]]
-    return Config(name, description, lambda: fn(reqs), warm=lambda: fn(warm), workload=spec.describe(),
-                  target="bench process")
+    return Config(
+        name, description, lambda: fn(reqs), warm=lambda: fn(warm), workload=spec.describe(), target="bench process"
+    )
 
 
 def _mixed(env: Environment) -> Suite:
@@ -100,24 +129,48 @@ def _mixed(env: Environment) -> Suite:
     configs = [
         _served(env, "loramux-base", a, base, "loramux, base model only"),
         _served(env, "loramux-mixed", a, mix, f"loramux, {lora}, unmerged, one mixed batch"),
-        _offline("hf-static", f"transformers generate, static batches of {o.batch_size}",
-                 lambda r: bl.hf_static("hf-static", r, o.batch_size), base, o.batch_size),
-        _offline("peft-mixed", f"PEFT generate(adapter_names=...), static batches of {o.batch_size}",
-                 lambda r: bl.peft_mixed("peft-mixed", r, o.batch_size), mix, o.batch_size),
+        _offline(
+            "hf-static",
+            f"transformers generate, static batches of {o.batch_size}",
+            lambda r: bl.hf_static("hf-static", r, o.batch_size),
+            base,
+            o.batch_size,
+        ),
+        _offline(
+            "peft-mixed",
+            f"PEFT generate(adapter_names=...), static batches of {o.batch_size}",
+            lambda r: bl.peft_mixed("peft-mixed", r, o.batch_size),
+            mix,
+            o.batch_size,
+        ),
     ]
     if o.peft_loop:
-        configs.append(_offline("peft-loop", "PEFT set_adapter + generate, one request at a time",
-                                lambda r: bl.peft_loop("peft-loop", r), mix, 2))
+        configs.append(
+            _offline(
+                "peft-loop",
+                "PEFT set_adapter + generate, one request at a time",
+                lambda r: bl.peft_loop("peft-loop", r),
+                mix,
+                2,
+            )
+        )
     ratios = [
-        Ratio("base: loramux / transformers static", "loramux-base", "hf-static", goal=1.8, floor=1.0,
-              issues=(2, 15)),
+        Ratio("base: loramux / transformers static", "loramux-base", "hf-static", goal=1.8, floor=1.0, issues=(2, 15)),
         Ratio("mixed adapters / base-only", "loramux-mixed", "loramux-base", goal=0.9, floor=0.8, issues=(3, 8, 15)),
-        Ratio("mixed adapters: loramux / PEFT mixed generate", "loramux-mixed", "peft-mixed", goal=3.0, floor=1.5,
-              issues=(3, 8)),
+        Ratio(
+            "mixed adapters: loramux / PEFT mixed generate",
+            "loramux-mixed",
+            "peft-mixed",
+            goal=3.0,
+            floor=1.5,
+            issues=(3, 8),
+        ),
         Ratio("mixed adapters: loramux / PEFT set_adapter loop", "loramux-mixed", "peft-loop", issues=(8,)),
     ]
-    title = f"{o.requests} requests, prompts {o.prompt_len[0]}-{o.prompt_len[1]}, outputs " \
-            f"{o.output_len[0]}-{o.output_len[1]} tokens; mixed: {lora}, {o.popularity}"
+    title = (
+        f"{o.requests} requests, prompts {o.prompt_len[0]}-{o.prompt_len[1]}, outputs "
+        f"{o.output_len[0]}-{o.output_len[1]} tokens; mixed: {lora}, {o.popularity}"
+    )
     return Suite("mixed", title, configs, ratios)
 
 
@@ -138,16 +191,31 @@ def _hot(env: Environment) -> Suite:
         _served(env, "hot80-merged", b, h_mix, f"the same, {hot} merged", merged=True, warm_full=True),
     ]
     ratios = [
-        Ratio("per-token latency: merged / base", "single-merged", "single-base-msrv", metric="itl_p50", goal=1.02,
-              floor=1.05, higher_is_better=False, issues=(5, 8)),
-        Ratio("per-token latency: unmerged / base", "single-unmerged", "single-base", metric="itl_p50",
-              higher_is_better=False, issues=(5,)),
+        Ratio(
+            "per-token latency: merged / base",
+            "single-merged",
+            "single-base-msrv",
+            metric="itl_p50",
+            goal=1.02,
+            floor=1.05,
+            higher_is_better=False,
+            issues=(5, 8),
+        ),
+        Ratio(
+            "per-token latency: unmerged / base",
+            "single-unmerged",
+            "single-base",
+            metric="itl_p50",
+            higher_is_better=False,
+            issues=(5,),
+        ),
         Ratio(f"{o.hot_share:.0%} hot adapter merged / base throughput", "hot80-merged", "hot80-base", issues=(5,)),
-        Ratio(f"{o.hot_share:.0%} hot adapter unmerged / base throughput", "hot80-unmerged", "hot80-base",
-              issues=(5,)),
+        Ratio(f"{o.hot_share:.0%} hot adapter unmerged / base throughput", "hot80-unmerged", "hot80-base", issues=(5,)),
     ]
-    title = f"single stream ({o.single_requests} x {o.single_output} tokens) and {o.requests} requests with " \
-            f"{o.hot_share:.0%} on one adapter; merged cache {o.merged_cache_mb:g} MB"
+    title = (
+        f"single stream ({o.single_requests} x {o.single_output} tokens) and {o.requests} requests with "
+        f"{o.hot_share:.0%} on one adapter; merged cache {o.merged_cache_mb:g} MB"
+    )
     return Suite("hot", title, configs, ratios)
 
 
@@ -156,10 +224,16 @@ def _kinds(env: Environment) -> Suite:
     n = o.kinds_per_group
     mix = g["mix"][:n]
     combos = {
-        "lora+bottleneck": (mix + g["bottleneck"], f"{len(mix)} LoRA + {n} bottleneck (seq_bn, width "
-                            f"{o.bottleneck_width})", (6,)),
-        "lora+soft-prompt": (mix + g["soft_prompt"], f"{len(mix)} LoRA + {n} soft prompts "
-                             f"({o.soft_prompt_tokens} virtual tokens)", (9,)),
+        "lora+bottleneck": (
+            mix + g["bottleneck"],
+            f"{len(mix)} LoRA + {n} bottleneck (seq_bn, width {o.bottleneck_width})",
+            (6,),
+        ),
+        "lora+soft-prompt": (
+            mix + g["soft_prompt"],
+            f"{len(mix)} LoRA + {n} soft prompts ({o.soft_prompt_tokens} virtual tokens)",
+            (9,),
+        ),
         "dora+ia3": (g["dora"] + g["ia3"], f"{n} DoRA r{o.rank} + {n} IA3", (8,)),
     }
     configs = [_served(env, "kinds-base", a, _spec(env), "base model only")]
@@ -178,8 +252,16 @@ def _scale(env: Environment) -> Suite:
     for n in o.counts:
         spec = _spec(env, num_requests=o.scale_requests, adapters=ids[:n], popularity="zipf", zipf_s=o.scale_zipf_s)
         configs.append(_served(env, f"scale-n{n}", a, spec, f"{n} LoRA r{o.scale_rank}, Zipf({o.scale_zipf_s:g})"))
-    ratios = [Ratio(f"{len(ids)} adapters / {ref} adapters", f"scale-n{len(ids)}", f"scale-n{ref}", goal=0.7,
-                    floor=0.7, issues=(8,))]
+    ratios = [
+        Ratio(
+            f"{len(ids)} adapters / {ref} adapters",
+            f"scale-n{len(ids)}",
+            f"scale-n{ref}",
+            goal=0.7,
+            floor=0.7,
+            issues=(8,),
+        )
+    ]
     ratios += [Ratio(f"{n} adapter{'s' * (n != 1)} / base-only", f"scale-n{n}", "scale-base") for n in o.counts]
     state: dict[str, str | None] = {}
 
@@ -190,8 +272,10 @@ def _scale(env: Environment) -> Suite:
         out["adapter_load_seconds"] = histogram_delta(state.get("metrics"), a.metrics_text(), LOAD_HISTOGRAM)
         out["device_slots"] = o.device_slots
 
-    title = f"{len(ids)} registered LoRA adapters (r{o.scale_rank}, {','.join(o.scale_targets)}), " \
-            f"Zipf({o.scale_zipf_s:g}) popularity, {o.device_slots} device slots, {o.scale_requests} requests"
+    title = (
+        f"{len(ids)} registered LoRA adapters (r{o.scale_rank}, {','.join(o.scale_targets)}), "
+        f"Zipf({o.scale_zipf_s:g}) popularity, {o.device_slots} device slots, {o.scale_requests} requests"
+    )
     return Suite("scale", title, configs, ratios, after=after, before=before)
 
 
@@ -234,7 +318,6 @@ def _http(env: Environment) -> Suite:
         _served(env, "grpc-stream", a, mix, f"gRPC GenerateStream, {k} LoRA r{o.rank}, one mixed batch"),
         _served(env, "http-stream", a, mix, "HTTP /v1/completions SSE, the same requests", http=True),
     ]
-    ratios = [Ratio("HTTP streaming / gRPC streaming", "http-stream", "grpc-stream", goal=0.9, floor=0.9,
-                    issues=(17,))]
+    ratios = [Ratio("HTTP streaming / gRPC streaming", "http-stream", "grpc-stream", goal=0.9, floor=0.9, issues=(17,))]
     title = f"the mixed workload ({o.requests} requests, {o.clients} clients) over both APIs of one server"
     return Suite("http", title, configs, ratios)

@@ -42,28 +42,38 @@ def markdown(result: dict) -> str:
     ]
     for name, suite in result["suites"].items():
         lines += [f"## {name}: {suite['title']}", ""]
-        lines += ["| configuration | what | tokens/s | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [
+            "| configuration | what | tokens/s | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
         for cname, c in suite["configs"].items():
             if c["status"] != "ok":
                 lines.append(f"| {cname} | {c['description']} | unavailable: {c['reason']} | | |")
                 continue
             s = c["summary"]
-            lines.append(f"| {cname} | {c['description']} | {s['throughput_tok_s']:.1f} | "
-                         f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | "
-                         f"{_ms(s['itl_p50_s'])} / {_ms(s['itl_p99_s'])} |")
-        lines += ["", "| ratio | value | per round | goal (floor) | met | issues |",
-                  "| --- | ---: | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {cname} | {c['description']} | {s['throughput_tok_s']:.1f} | "
+                f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | "
+                f"{_ms(s['itl_p50_s'])} / {_ms(s['itl_p99_s'])} |"
+            )
+        lines += [
+            "",
+            "| ratio | value | per round | goal (floor) | met | issues |",
+            "| --- | ---: | --- | --- | --- | --- |",
+        ]
         for r in suite["ratios"]:
             lines.append(_ratio_row(r))
         for note in suite.get("notes", []):
             lines += ["", note]
         loads = suite.get("adapter_load_seconds")
         if loads:
-            lines += ["", f"Adapter loads during the suite ({suite.get('device_slots')} device slots): "
-                      f"{loads['count']} loads, mean {_ms(loads['mean'])} ms, p50 {_ms(loads['p50'])} ms, "
-                      f"p90 {_ms(loads['p90'])} ms, p99 {_ms(loads['p99'])} ms (server histogram, "
-                      "interpolated within buckets)."]
+            lines += [
+                "",
+                f"Adapter loads during the suite ({suite.get('device_slots')} device slots): "
+                f"{loads['count']} loads, mean {_ms(loads['mean'])} ms, p50 {_ms(loads['p50'])} ms, "
+                f"p90 {_ms(loads['p90'])} ms, p99 {_ms(loads['p99'])} ms (server histogram, "
+                "interpolated within buckets).",
+            ]
         lines.append("")
     if result.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in result["plots"]), ""]
@@ -117,8 +127,10 @@ def plot(result: dict, out: Path) -> list[str]:
     ok = {n: c for n, c in (suite or {}).get("configs", {}).items() if c["status"] == "ok"}
     if ok:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, label in ((axes[0], "ttft_s", "time to first token (s)"),
-                               (axes[1], "itl_s", "per-token latency (ms)")):
+        for ax, key, label in (
+            (axes[0], "ttft_s", "time to first token (s)"),
+            (axes[1], "itl_s", "per-token latency (ms)"),
+        ):
             scale = 1000.0 if key == "itl_s" else 1.0
             data = [[x * scale for x in c.get("_samples", {}).get(key, [])] or [0.0] for c in ok.values()]
             ax.boxplot(data, showfliers=False, whis=(1, 99))
@@ -136,8 +148,11 @@ def _throughput_points(result: dict) -> dict | None:
     suites = result["suites"]
     if "scale" in suites:
         cfgs = suites["scale"]["configs"]
-        pts = sorted((int(n[len("scale-n"):]), c["summary"]["throughput_tok_s"]) for n, c in cfgs.items()
-                     if n.startswith("scale-n") and c["status"] == "ok")
+        pts = sorted(
+            (int(n[len("scale-n") :]), c["summary"]["throughput_tok_s"])
+            for n, c in cfgs.items()
+            if n.startswith("scale-n") and c["status"] == "ok"
+        )
         base = cfgs.get("scale-base", {}).get("summary", {}).get("throughput_tok_s")
         return {"adapters": pts, "base": base, "title": suites["scale"]["title"]}
     if "mixed" in suites:

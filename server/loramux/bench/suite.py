@@ -84,8 +84,16 @@ class Suite:
                     log.warning("%s/%s unavailable: %s", self.name, c.name, reason)
                     continue
                 runs[c.name].append(res)
-                log.info("%s round %d/%d %-22s %8.1f tok/s  (%d tokens, %.1fs)", self.name, k + 1, rounds, c.name,
-                         res.throughput, res.tokens, res.wall_s)
+                log.info(
+                    "%s round %d/%d %-22s %8.1f tok/s  (%d tokens, %.1fs)",
+                    self.name,
+                    k + 1,
+                    rounds,
+                    c.name,
+                    res.throughput,
+                    res.tokens,
+                    res.wall_s,
+                )
         for c in self.configs:
             reason = c.check(runs[c.name]) if c.check is not None and c.name not in unavailable else None
             if reason:
@@ -99,15 +107,22 @@ class Suite:
             "ratios": [],
         }
         for c in self.configs:
-            entry = {"description": c.description, "target": c.target, "workload": c.workload,
-                     # raw latencies for the plots; report.py leaves them out of the JSON
-                     "_samples": {"ttft_s": [x for r in runs[c.name] for x in r.ttft_s],
-                                  "itl_s": [x for r in runs[c.name] for x in r.itl_s]}}
+            entry = {
+                "description": c.description,
+                "target": c.target,
+                "workload": c.workload,
+                # raw latencies for the plots; report.py leaves them out of the JSON
+                "_samples": {
+                    "ttft_s": [x for r in runs[c.name] for x in r.ttft_s],
+                    "itl_s": [x for r in runs[c.name] for x in r.itl_s],
+                },
+            }
             if c.name in unavailable:
                 entry.update(status="unavailable", reason=unavailable[c.name])
             else:
-                entry.update(status="ok", summary=summarize(runs[c.name]),
-                             extra=[r.extra for r in runs[c.name] if r.extra])
+                entry.update(
+                    status="ok", summary=summarize(runs[c.name]), extra=[r.extra for r in runs[c.name] if r.extra]
+                )
             out["configs"][c.name] = entry
         for r in self.ratios:
             out["ratios"].append(_ratio(r, runs, unavailable))
@@ -134,14 +149,21 @@ def _reason(c: Config, res: RunResult) -> str | None:
 
 def _ratio(r: Ratio, runs: dict[str, list[RunResult]], unavailable: dict[str, str]) -> dict:
     out = {
-        "name": r.name, "num": r.num, "den": r.den, "metric": r.metric, "den_metric": r.den_metric or r.metric,
-        "goal": r.goal, "floor": r.floor,
-        "higher_is_better": r.higher_is_better, "issues": list(r.issues),
+        "name": r.name,
+        "num": r.num,
+        "den": r.den,
+        "metric": r.metric,
+        "den_metric": r.den_metric or r.metric,
+        "goal": r.goal,
+        "floor": r.floor,
+        "higher_is_better": r.higher_is_better,
+        "issues": list(r.issues),
     }
     missing = [n for n in (r.num, r.den) if n in unavailable or not runs.get(n)]
     if missing:
-        out.update(value=None, status="unavailable", reason="; ".join(f"{n}: {unavailable.get(n, 'not run')}"
-                                                                       for n in missing))
+        out.update(
+            value=None, status="unavailable", reason="; ".join(f"{n}: {unavailable.get(n, 'not run')}" for n in missing)
+        )
         return out
     per_round = []
     for a, b in zip(runs[r.num], runs[r.den]):  # round k of one against round k of the other
@@ -152,6 +174,11 @@ def _ratio(r: Ratio, runs: dict[str, list[RunResult]], unavailable: dict[str, st
         out.update(value=None, status="unavailable", reason=f"no {r.metric} values")
         return out
     value = statistics.median(per_round)
-    out.update(value=value, rounds=[round(v, 4) for v in per_round], status="ok",
-               meets_goal=r.judge(value, r.goal), meets_floor=r.judge(value, r.floor))
+    out.update(
+        value=value,
+        rounds=[round(v, 4) for v in per_round],
+        status="ok",
+        meets_goal=r.judge(value, r.goal),
+        meets_floor=r.judge(value, r.floor),
+    )
     return out

@@ -46,10 +46,28 @@ class ServerSettings:
             else:
                 flags += [flag, str(value)]
         return [
-            "--model", self.model, "--store", str(self.store), "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0", "--http-port", "0", "--device", self.device, "--dtype", self.dtype,
-            "--max-device-adapters", str(self.max_device_adapters), "--merged-cache-mb", str(self.merged_cache_mb),
-            *flags, *self.extra_args,
+            "--model",
+            self.model,
+            "--store",
+            str(self.store),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--device",
+            self.device,
+            "--dtype",
+            self.dtype,
+            "--max-device-adapters",
+            str(self.max_device_adapters),
+            "--merged-cache-mb",
+            str(self.merged_cache_mb),
+            *flags,
+            *self.extra_args,
         ]
 
 
@@ -57,8 +75,13 @@ class LoramuxTarget:
     """`start()` it, send requests to `address`, read `metrics_text()`, `stop()` it."""
 
     def __init__(
-        self, name: str, settings: ServerSettings | None = None, spawn: str = "subprocess",
-        address: str | None = None, metrics_url: str | None = None, log_path: Path | None = None,
+        self,
+        name: str,
+        settings: ServerSettings | None = None,
+        spawn: str = "subprocess",
+        address: str | None = None,
+        metrics_url: str | None = None,
+        log_path: Path | None = None,
     ) -> None:
         if spawn not in ("subprocess", "thread", "external"):
             raise ValueError(f"spawn must be subprocess, thread or external, got {spawn!r}")
@@ -117,9 +140,16 @@ class LoramuxTarget:
 
         s = self.settings
         config = ServerConfig(
-            model=s.model, store=s.store, port=0, metrics_port=0, http_port=0, device=s.device, dtype=s.dtype,
-            engine=EngineConfig(max_device_adapters=s.max_device_adapters, merged_cache_mb=s.merged_cache_mb,
-                                **s.engine),
+            model=s.model,
+            store=s.store,
+            port=0,
+            metrics_port=0,
+            http_port=0,
+            device=s.device,
+            dtype=s.dtype,
+            engine=EngineConfig(
+                max_device_adapters=s.max_device_adapters, merged_cache_mb=s.merged_cache_mb, **s.engine
+            ),
         )
         server = LoramuxServer(config)
         ready = threading.Event()
@@ -192,13 +222,17 @@ class LoramuxTarget:
         files = [directory / n for n in ("adapter_model.safetensors", "adapter.safetensors")]
         weights = next(f for f in files if f.is_file()).read_bytes()
         manifest = pb.AdapterManifest(
-            adapter_id=adapter_id, config_json=config_text, weights_sha256=hashlib.sha256(weights).hexdigest(),
-            weights_size=len(weights), overwrite=True,
+            adapter_id=adapter_id,
+            config_json=config_text,
+            weights_sha256=hashlib.sha256(weights).hexdigest(),
+            weights_size=len(weights),
+            overwrite=True,
         )
         chunks = [pb.UploadAdapterRequest(chunk=weights[i : i + (1 << 20)]) for i in range(0, len(weights), 1 << 20)]
         with grpc.insecure_channel(self.address) as ch:
-            pb_grpc.AdaptersStub(ch).UploadAdapter(iter([pb.UploadAdapterRequest(manifest=manifest), *chunks]),
-                                                   timeout=300)
+            pb_grpc.AdaptersStub(ch).UploadAdapter(
+                iter([pb.UploadAdapterRequest(manifest=manifest), *chunks]), timeout=300
+            )
 
 
 def wait_serving(address: str, timeout_s: float) -> None:
