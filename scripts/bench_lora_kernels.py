@@ -11,7 +11,11 @@ the adapted projections, without attention / MLP / lm_head, where the LoRA share
 
 - base: every row on the base model (no adapter arithmetic);
 - segment: lora_batched.force("segment"), two matmuls per segment per layer (the reference path);
-- batched: lora_batched.force("batched"), one gathered bmm pair per layer.
+- batched: lora_batched.force("grouped"), spans of the rank-bucketed stacks, one bmm pair per span.
+
+`--calibrate` instead measures the cost model's constants (lora_batched.C_OP, C_COPY): the
+fixed cost of one small op and the time of one gathered element, both in units of one
+multiply-accumulate of a large matmul, medians over rounds.
 
 Prints ms per forward, base/segment and base/batched (throughput relative to base, higher is better)
 and batched/segment (time, lower is better).
@@ -90,7 +94,7 @@ def forward(wrapped: WrappedModel, row_slots: list[int]) -> None:
 def time_variants(wrapped: WrappedModel, row_slots: list[int], rounds: int, reps: int, fn) -> dict[str, float]:  # noqa: ANN001
     """ms per forward, median over interleaved rounds."""
     variants = {"base": ([BASE_SLOT] * len(row_slots), "segment"), "segment": (row_slots, "segment"),
-                "batched": (row_slots, "batched")}  # fmt: skip
+                "batched": (row_slots, "grouped")}  # fmt: skip
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, (slots, mode) in variants.items():
@@ -101,6 +105,27 @@ def time_variants(wrapped: WrappedModel, row_slots: list[int], rounds: int, reps
                     fn(wrapped, slots)
                 samples[name].append(1e3 * (time.perf_counter() - t0) / reps)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def calibrate(rounds: int) -> None:
+    """C_OP and C_COPY in MACs: t(small op) and t(per gathered element), each ÷ t(per MAC of a large mm)."""
+    big_a, big_b = torch.randn(256, 512), torch.randn(512, 512)  # 67M MACs
+    small_a, small_b = torch.randn(1, 512), torch.randn(512, 8)  # 4k MACs: all fixed cost
+    src, idx = torch.randn(4096, 512), torch.randint(0, 4096, (2048,))
+    samples: dict[str, list[float]] = {"mac": [], "op": [], "copy": []}
+    for _ in range(rounds):
+        for name, fn, n in (("mac", lambda: big_a @ big_b, 20), ("op", lambda: small_a @ small_b, 2000),
+                            ("copy", lambda: src.index_select(0, idx), 50)):  # fmt: skip
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    mac = statistics.median(samples["mac"]) / (256 * 512 * 512)
+    op = statistics.median(samples["op"])
+    copy = statistics.median(samples["copy"]) / (2048 * 512)
+    print(f"threads {torch.get_num_threads()}: {1 / mac / 1e9:.1f} GMAC/s; one small op {op * 1e6:.1f} us "
+          f"= C_OP {op / mac:.3g} MACs; one gathered element {copy * 1e9:.2f} ns = C_COPY {copy / mac:.3g} MACs")
 
 
 def main() -> None:
@@ -117,7 +142,13 @@ def main() -> None:
         default="model",
         help="model: whole forwards; layers: only the adapted projections",
     )
+    ap.add_argument("--calibrate", action="store_true", help="measure the cost model's C_OP and C_COPY instead")
     a = ap.parse_args()
+    if a.calibrate:
+        for threads in a.threads:
+            torch.set_num_threads(threads)
+            calibrate(a.rounds)
+        return
     fn = forward if a.level == "model" else forward_layers
     wrapped = build(a.layers, max(a.adapters))
     print(

@@ -1,4 +1,9 @@
-"""Batched LoRA (lora_batched.py) equals the per-segment reference path, layer by layer and against PEFT."""
+"""Every LoRA path (lora_batched.py) equals the per-segment reference, layer by layer and against PEFT.
+
+Paths: "grouped" (pure torch, spans over the rank-bucketed stacks), the same with every
+bucket forced into spans (a huge op cost), "auto", and "triton" (the CUDA kernels, here in
+Triton's interpreter on the CPU; skipped where triton is not installed).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,22 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig
 from peft_helpers import make_peft_adapter, mixed_logits, reference_logits
+from torch.profiler import ProfilerActivity, profile
 from transformers.pytorch_utils import Conv1D
 
 from loramux.adapters.formats.loader import load_adapter_dir
-from loramux.adapters.kinds import lora_batched
+from loramux.adapters.kinds import lora_batched, lora_triton
 from loramux.adapters.kinds.lora import MergedWeight
+from loramux.adapters.kinds.lora_stacks import bucket_rank
 from loramux.adapters.model.linear import MultiAdapterLinear
 from loramux.adapters.model.wrapped import WrappedModel
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder, Segment
 from loramux.model import build_from_config, tiny_llama_config
 
-ATOL = 1e-5  # float32, batched vs per-segment: the same sums in another order
+ATOL = 1e-5  # float32: the same sums in another order
 IN, OUT = 48, 40
+needs_triton = pytest.mark.skipif(not lora_triton.installed(), reason="triton is not installed")
+PATHS = ["grouped", "spans", "auto", pytest.param("triton", marks=needs_triton)]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -26,32 +35,33 @@ def _gen(seed: int) -> torch.Generator:
 
 def _lora(layer: MultiAdapterLinear, slot: int, r: int, seed: int, **kw) -> None:
     g = _gen(seed)
-    layer.set_lora(slot, torch.randn(r, IN, generator=g) * 0.3, torch.randn(OUT, r, generator=g) * 0.3, **kw)
+    a = torch.randn(r, IN, generator=g) / IN**0.5
+    layer.set_lora(slot, a, torch.randn(OUT, r, generator=g) / r**0.5, **kw)
 
 
-def _mixed_layer(conv1d: bool = False, num_slots: int = 16) -> MultiAdapterLinear:
-    """Slots: LoRA of ranks 1..16, LoRA + bias, DoRA, IA3 (out and feed-forward), a bias delta alone, empty."""
+RANKS = (4, 256, 16, 8, 128, 5, 64, 12, 33, 4, 8, 16, 32, 100, 8, 16)
+
+
+def _mixed_layer(conv1d: bool = False, num_slots: int = 20) -> MultiAdapterLinear:
+    """LoRA of ranks 4..256 in most slots; LoRA + bias, DoRA, IA3 (out, feed-forward), a bias delta, empty."""
     torch.manual_seed(0)
     base = Conv1D(OUT, IN) if conv1d else torch.nn.Linear(IN, OUT)
     torch.nn.init.normal_(base.weight, std=0.2)
     torch.nn.init.normal_(base.bias, std=0.2)
     layer = MultiAdapterLinear(base, ContextHolder(), num_slots)
     g = _gen(1)
-    for slot, r in zip(range(6), (1, 4, 16, 8, 2, 3)):
+    for slot, r in enumerate(RANKS):
         _lora(layer, slot, r, seed=10 + slot)
-    _lora(layer, 6, 4, seed=16, lora_bias=torch.randn(OUT, generator=g))
-    _lora(layer, 7, 4, seed=17, dora_g=1 + 0.3 * torch.randn(OUT, generator=g))
-    layer.set_ia3(8, 1 + 0.3 * torch.randn(OUT, generator=g), feedforward=False)
-    layer.set_ia3(9, 1 + 0.3 * torch.randn(IN, generator=g), feedforward=True)
-    layer.set_bias_delta(10, torch.randn(OUT, generator=g))
-    _lora(layer, 11, 2, seed=21)
+    _lora(layer, 6, 64, seed=16, lora_bias=torch.randn(OUT, generator=g))  # LoRA + bias: plain, shifted
+    _lora(layer, 7, 12, seed=17, dora_g=1 + 0.3 * torch.randn(OUT, generator=g))  # DoRA
+    layer.set_ia3(16, 1 + 0.3 * torch.randn(OUT, generator=g), feedforward=False)
+    layer.set_ia3(17, 1 + 0.3 * torch.randn(IN, generator=g), feedforward=True)
+    layer.set_bias_delta(18, torch.randn(OUT, generator=g))
     layer.set_bias_delta(11, torch.randn(OUT, generator=g))  # LoRA + base-bias delta: still plain
-    for slot in range(12, num_slots):
-        _lora(layer, slot, 1 + slot % 5, seed=30 + slot)
-    return layer
+    return layer  # slot 19: empty
 
 
-def _rows(lengths: dict[int, int], base_at: tuple[int, ...] = (0, 3)) -> list[int]:
+def _rows(lengths: dict[int, int], base_at: tuple[int, ...] = (0, 3, 9)) -> list[int]:
     """Row slots grouped by slot, in slot order, with base rows before the segments listed in `base_at`."""
     rows: list[int] = []
     for i, (slot, n) in enumerate(lengths.items()):
@@ -61,134 +71,145 @@ def _rows(lengths: dict[int, int], base_at: tuple[int, ...] = (0, 3)) -> list[in
     return rows
 
 
-def _run(layer: MultiAdapterLinear, rows: list[int], mode: str, merged_slot: int = BASE_SLOT) -> torch.Tensor:
+def _run(layer: MultiAdapterLinear, rows: list[int], path: str, merged_slot: int = BASE_SLOT) -> torch.Tensor:
     ctx = AdapterContext.from_row_slots(rows, torch.device("cpu"), merged_slot=merged_slot)
     layer.holder.set(ctx)
     x = torch.randn(1, len(rows), IN, generator=_gen(5))
+    old = lora_batched.C_OP
+    if path == "spans":  # every segment that can join a span does: the span code on every layout
+        path, lora_batched.C_OP = "grouped", 1e15
     try:
-        with lora_batched.force(mode), torch.no_grad():
+        with lora_batched.force(path), torch.no_grad():
             return layer(x)[0]
     finally:
+        lora_batched.C_OP = old
         layer.holder.set(None)
 
 
-def _count_batched(monkeypatch) -> dict[str, int]:
-    calls = {"n": 0}
-    orig = lora_batched.batched_lora
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return orig(*a, **k)
-
-    monkeypatch.setattr(lora_batched, "batched_lora", counting)
-    return calls
-
-
 LENGTHS = {
-    "decode": {s: 1 + s % 3 for s in range(16)},  # short, unequal
-    "equal": {s: 4 for s in range(16)},  # contiguous, equal: the no-gather span path
-    "prefill_mix": {0: 1, 1: 57, 2: 3, 3: 1, 5: 200, 6: 2, 7: 9, 8: 4, 9: 1, 10: 6, 11: 33, 12: 1},
-    "few": {2: 5, 7: 3},
+    "decode": {s: 1 + s % 3 for s in range(20)},  # short, unequal, every kind
+    "equal": {s: 3 for s in range(16)},  # adjacent, equal: spans are views
+    "prefill_mix": {0: 1, 1: 37, 2: 3, 3: 1, 5: 60, 6: 2, 7: 9, 8: 4, 9: 1, 10: 6, 11: 23, 12: 1, 16: 5, 17: 2},
+    "holes": {0: 2, 3: 1, 9: 2, 12: 3, 14: 1, 19: 2},  # a few slots of each bucket: holes in the spans
 }
 
 
-@pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("shape", list(LENGTHS))
-def test_batched_equals_per_segment(monkeypatch, conv1d, shape):
-    layer = _mixed_layer(conv1d)
-    layer.clear(14)  # an empty slot with rows
-    rows = _rows(LENGTHS[shape]) if shape != "equal" else _rows(LENGTHS[shape], base_at=())
-    calls = _count_batched(monkeypatch)
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_equals_per_segment(path, shape):
+    layer = _mixed_layer()
+    rows = _rows(LENGTHS[shape], base_at=() if shape == "equal" else (0, 3, 9))
     ref = _run(layer, rows, "segment")
-    assert calls["n"] == 0
-    plain = torch.tensor(rows) >= 0
-    base = _run_base(layer, rows)
-    assert (ref[plain] - base[plain]).abs().max() > 1e-2, "the adapters must change the output"
-    for mode in ("batched", "auto"):
-        torch.testing.assert_close(_run(layer, rows, mode), ref, atol=ATOL, rtol=0)
-    assert calls["n"] >= 1  # forced batched ran at least once
+    base = _run(layer, [BASE_SLOT] * len(rows), "segment")
+    adapted = torch.tensor([r not in (BASE_SLOT, 19) for r in rows])
+    assert (ref[adapted] - base[adapted]).abs().min() > 0, "every adapter must change its rows"
+    torch.testing.assert_close(_run(layer, rows, path), ref, atol=ATOL, rtol=0)
 
 
-def _run_base(layer: MultiAdapterLinear, rows: list[int]) -> torch.Tensor:
-    return _run(layer, [BASE_SLOT] * len(rows), "segment")
+@pytest.mark.parametrize("path", ["grouped", "spans"])
+def test_conv1d_layers(path):
+    layer = _mixed_layer(conv1d=True)
+    rows = _rows(LENGTHS["decode"])
+    torch.testing.assert_close(_run(layer, rows, path), _run(layer, rows, "segment"), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("merged", [0, 11, 7])  # plain LoRA, LoRA + bias delta (subtract), DoRA (not subtractable)
-def test_merged_slot_rows_get_no_arithmetic_and_others_are_exact(merged):
+@pytest.mark.parametrize("merged", [0, 11, 7])  # plain LoRA, LoRA + bias delta (subtract), DoRA (split per row)
+@pytest.mark.parametrize("path", ["segment", *PATHS])
+def test_merged_slot_rows_and_others_are_exact(merged, path):
     layer = _mixed_layer()
     d = layer.deltas[merged]
     w = layer.base_weight_rows()
-    a_t, b_t = d.a_t, d.b_t
     g = d.out_scale if d.out_scale is not None else torch.ones(OUT)
     shift = d.out_shift if d.out_shift is not None else torch.zeros(OUT)
-    merged_w = g[:, None] * w + (a_t @ b_t).t()
-    layer.set_merged(merged, MergedWeight(merged_w, g * layer.bias + shift, 0))
-    lengths = {s: 1 + s % 4 for s in range(13) if s != merged} | {merged: 6}
-    rows = _rows(lengths)  # the merged slot's rows last, as the runner orders them
-    rows = [r for r in rows if r != merged] + [merged] * 6
+    layer.set_merged(merged, MergedWeight(g[:, None] * w + (d.a_t @ d.b_t).t(), g * layer.bias + shift, 0))
+    lengths = {s: 1 + s % 4 for s in range(19) if s != merged}
+    rows = _rows(lengths) + [merged] * 6  # the merged slot's rows last, as the runner orders them
     ref = _run(layer, rows, "segment")  # no merged slot: per-row deltas, exact
-    for mode in ("segment", "batched", "auto"):
-        torch.testing.assert_close(_run(layer, rows, mode, merged_slot=merged), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_run(layer, rows, path, merged_slot=merged), ref, atol=ATOL, rtol=0)
 
 
-def test_rank_growth_shrink_and_clear_keep_every_slot_exact():
+def test_stacks_bucket_by_rank_and_hold_the_weights_once():
     layer = _mixed_layer()
-    rows = _rows({s: 2 for s in range(16)})
-    _lora(layer, 3, 32, seed=99)  # r_max grows 16 -> 32: every plain slot's views re-pointed
-    assert layer.stacked.stacks()[0].shape == (16, IN, 32)
-    ref = _run(layer, rows, "segment")
-    torch.testing.assert_close(_run(layer, rows, "batched"), ref, atol=ATOL, rtol=0)
-    _lora(layer, 3, 1, seed=98)  # smaller rank in the same slot: stale columns must be zero
-    layer.set_ia3(2, torch.full((OUT,), 1.5), feedforward=False)  # LoRA + IA3: no longer plain
-    layer.clear(5)
-    assert 2 not in layer.stacked.plain and 5 not in layer.stacked.plain and 3 in layer.stacked.plain
-    ref = _run(layer, rows, "segment")
-    torch.testing.assert_close(_run(layer, rows, "batched"), ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(ref[torch.tensor(rows) == 5], _run_base(layer, rows)[torch.tensor(rows) == 5])
+    st = layer.stacked
+    assert sorted(st.buckets) == [4, 8, 16, 32, 64, 128, 256]
+    assert st.buckets[8].order == [3, 5, 10, 14] and st.buckets[16].order == [2, 11, 15]  # rank 5 -> bucket 8
+    assert 7 not in st.where and 16 not in st.where  # DoRA, IA3: per segment
+    # a rank-8 slot costs 8 columns however large the layer's largest rank
+    assert layer.slot_nbytes(3) == (IN + OUT) * 8 * 4
+    assert layer.slot_nbytes(6) == (IN + OUT) * 64 * 4 + OUT * 4  # and its shift
+    bk = st.buckets[8]
+    d = layer.deltas[5]
+    assert d.a_t.data_ptr() == bk.a[1].data_ptr() and d.b_t.data_ptr() == bk.b[1].data_ptr()
+    assert d.a_t.shape == (IN, 5) and d.b_t.shape == (5, OUT)
+    assert [bucket_rank(r) for r in (1, 4, 5, 8, 9, 200, 256)] == [4, 4, 8, 8, 16, 256, 256]
 
 
-def test_stacks_hold_the_weights_once():
+def test_stacks_shrink_when_large_ranks_leave_and_stay_exact():
     layer = _mixed_layer()
-    a_all, b_all = layer.stacked.stacks()
-    d = layer.deltas[2]
-    assert d.a_t.data_ptr() == a_all[2].data_ptr() and d.b_t.data_ptr() == b_all[2].data_ptr()
-    assert layer.slot_nbytes(2) == (IN + OUT) * 16 * 4
+    st = layer.stacked
+    rows = _rows({s: 2 for s in range(20)})
+    before = layer.resident_nbytes()
+    for slot in (1, 4, 13):  # ranks 256, 128, 100: their buckets empty out
+        layer.clear(slot)
+    assert 256 not in st.buckets and 128 not in st.buckets
+    freed = (IN + OUT) * (256 + 128 + 128) * 4
+    assert layer.resident_nbytes() <= before - freed
+    torch.testing.assert_close(_run(layer, rows, "grouped"), _run(layer, rows, "segment"), atol=ATOL, rtol=0)
+    # churn: members move inside their bucket, views are re-pointed; capacity halves when a quarter full
+    for slot, r in ((1, 16), (4, 16), (13, 16), (19, 16), (0, 16)):
+        _lora(layer, slot, r, seed=70 + slot)
+    assert st.buckets[16].order == [0, 1, 2, 4, 11, 13, 15, 19] and st.buckets[16].capacity == 8
+    for slot in (0, 1, 2, 4, 11, 13):
+        layer.clear(slot)
+    assert st.buckets[16].order == [15, 19] and st.buckets[16].capacity == 4
+    assert st.nbytes() == sum(bk.nbytes() for bk in st.buckets.values())
+    ref = _run(layer, rows, "segment")
+    torch.testing.assert_close(_run(layer, rows, "grouped"), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ref[torch.tensor(rows) == 5], _run(layer, rows, "segment")[torch.tensor(rows) == 5])
+    gone = torch.tensor(rows) == 4
+    base = _run(layer, [BASE_SLOT] * len(rows), "segment")
+    torch.testing.assert_close(ref[gone], base[gone])
 
 
-@pytest.fixture
-def auto_mode():
-    with lora_batched.force("auto"):
-        yield
+def test_grouped_path_never_copies_weights():
+    """No 3-D gather of the stacks: index_select only ever reads activations (2-D)."""
+    layer = _mixed_layer()
+    rows = _rows(LENGTHS["decode"])
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _run(layer, rows, "spans")
+    gathers = [e for e in prof.events() if e.name == "aten::index_select"]
+    assert gathers, "the decode layout gathers its rows"
+    assert all(len(e.input_shapes[0]) == 2 for e in gathers), [e.input_shapes for e in gathers]
 
 
-def test_plan_heuristic(auto_mode):
+def test_plan_groups_by_stack_index():
+    layer = _mixed_layer()
+    bk = layer.stacked.buckets[8]  # slots 3, 5, 10, 14
     cpu = torch.device("cpu")
-    plain = frozenset(range(16))
-    # eight one-row segments (base rows between two of them: a gather) and a long prefill in the middle
-    segs = [Segment(i, i + 1, i) for i in range(4)] + [Segment(4, 300, 4)]
-    segs += [Segment(301 + i, 302 + i, 5 + i) for i in range(4)]
-    plan = lora_batched.plan_segments(segs, plain, cpu)
-    assert plan is not None and [s.slot for s in plan.rest] == [4]  # the long prefill runs on its own
-    assert [s.slot for s in plan.segments] == [0, 1, 2, 3, 5, 6, 7, 8] and plan.span is None
-    assert plan.valid is None and plan.slot_range is None  # no padding; slots 0-3, 5-8: gathered
-    assert lora_batched.plan_segments(segs[:7], plain, cpu) is None  # six short ones need a gather: too few
-    assert lora_batched.plan_segments(segs, frozenset({0, 4}), cpu) is None
-    equal = [Segment(2 * i, 2 * i + 2, i) for i in range(4)]
-    adj = lora_batched.plan_segments(equal, plain, cpu)
-    assert adj.span == (0, 8) and adj.slot_range == (0, 4)
-    assert lora_batched.plan_segments(equal[:3], plain, cpu) is None
-    with lora_batched.force("batched"):
-        forced = lora_batched.plan_segments(segs, plain, cpu)
-        assert len(forced.segments) == 9 and forced.maxlen == 296 and forced.valid.numel() == 304
-        assert lora_batched.plan_segments(segs[:1], plain, cpu).span == (0, 1)
-    with lora_batched.force("segment"):
-        assert lora_batched.plan_segments(segs, plain, cpu) is None
-    with pytest.raises(ValueError, match="mode"):
+    # decode: one row each, adjacent, all four members: one span, a view (no gather)
+    segs = [Segment(i, i + 1, s) for i, s in enumerate(bk.order)]
+    plan = lora_batched.plan_bucket(bk, segs, layer.stacked, "grouped", cpu)
+    assert len(plan.spans) == 1 and not plan.singles and plan.spans[0].view == (0, 4)
+    # a long prefill segment runs alone; so does the row before it (a gathered span of two costs more
+    # ops than two matmuls), while the two adjacent rows after it are one span, a view
+    segs = [Segment(0, 1, 3), Segment(1, 400, 5), Segment(400, 401, 10), Segment(401, 402, 14)]
+    plan = lora_batched.plan_bucket(bk, segs, layer.stacked, "grouped", cpu)
+    assert sorted(s.slot for s, _ in plan.singles) == [3, 5]
+    assert len(plan.spans) == 1 and plan.spans[0].view == (400, 402) and plan.spans[0].lo == 2
+    # with base rows between the short ones, the three share one gathered, padded span around the hole
+    segs = [Segment(0, 1, 3), Segment(1, 400, 5), Segment(401, 402, 10), Segment(403, 405, 14)]
+    plan = lora_batched.plan_bucket(bk, segs, layer.stacked, "grouped", cpu)
+    assert [s.slot for s, _ in plan.singles] == [5]
+    span = plan.spans[0]
+    assert (span.lo, span.k, span.m) == (0, 4, 2) and span.view is None and span.rows.tolist() == [0, 401, 403, 404]
+    plan = lora_batched.plan_bucket(bk, segs, layer.stacked, "triton", cpu)
+    assert plan.sgmv.tolist() == [[0, 1, 0], [1, 399, 1], [401, 1, 2], [403, 2, 3]] and plan.maxlen == 399
+    with pytest.raises(ValueError, match="LoRA path"):
         with lora_batched.force("fast"):
             pass
 
 
-# --- the whole model against PEFT, both paths ---------------------------------------------------
+# --- the whole model against PEFT, every path --------------------------------------------------
 
 PEFT_CASES = [
     LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -196,8 +217,8 @@ PEFT_CASES = [
     LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], rank_pattern={"k_proj": 6}),
     LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-    LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    LoraConfig(r=1, lora_alpha=2, target_modules=["up_proj", "gate_proj", "v_proj"]),
+    LoraConfig(r=64, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    LoraConfig(r=16, lora_alpha=2, target_modules=["up_proj", "gate_proj", "v_proj"]),
 ]
 
 
@@ -212,11 +233,11 @@ def peft_setup(tmp_path_factory):
     return wrapped, models, build_from_config(tiny_llama_config(), seed=0).eval()
 
 
-@pytest.mark.parametrize("mode", ["batched", "segment", "auto"])
-def test_mixed_batch_matches_peft_both_paths(peft_setup, mode):
+@pytest.mark.parametrize("path", ["segment", *PATHS])
+def test_mixed_batch_matches_peft_every_path(peft_setup, path):
     wrapped, models, base = peft_setup
     g = _gen(3)
-    lengths = [1, 9, 2, 1, 17, 3, 1, 5, 2]  # very different lengths: decode-like and prefill-like
+    lengths = [1, 9, 2, 1, 17, 3, 1, 5, 2]  # decode-like and prefill-like
     seqs, slots, refs = [], [], []
     for i, n in enumerate(lengths):
         slot = BASE_SLOT if i == 2 else min(i, len(PEFT_CASES) - 1)
@@ -225,7 +246,13 @@ def test_mixed_batch_matches_peft_both_paths(peft_setup, mode):
         refs.append(base if slot == BASE_SLOT else models[slot])
     order = sorted(range(len(seqs)), key=lambda i: slots[i])
     seqs, slots, refs = [seqs[i] for i in order], [slots[i] for i in order], [refs[i] for i in order]
-    with lora_batched.force(mode):
-        got = mixed_logits(wrapped, seqs, slots)
+    old = lora_batched.C_OP
+    if path == "spans":
+        path, lora_batched.C_OP = "grouped", 1e15
+    try:
+        with lora_batched.force(path):
+            got = mixed_logits(wrapped, seqs, slots)
+    finally:
+        lora_batched.C_OP = old
     for logits, seq, ref in zip(got, seqs, refs):
         torch.testing.assert_close(logits, reference_logits(ref, seq), atol=1e-4, rtol=1e-4)

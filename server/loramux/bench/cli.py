@@ -114,6 +114,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--chunked-stream-output", type=int, default=d.chunked_stream_output)
     g.add_argument("--chunked-prompts", type=int, default=d.chunked_prompts)
     g.add_argument("--chunked-prompt-len", type=int, default=d.chunked_prompt_len)
+    g.add_argument("--rank-sweep", type=_ints, default=d.rank_sweep, help="suite ranks: LoRA ranks (plus a mix)")
+    g.add_argument("--rank-adapters", type=_ints, default=d.rank_adapters, help="suite ranks: adapters per batch")
+    g.add_argument("--rank-rows", type=int, default=d.rank_rows, help="suite ranks: decode rows per forward")
+    g.add_argument("--rank-reps", type=int, default=d.rank_reps, help="suite ranks: forwards per timing")
+    g.add_argument("--rank-path", default=d.rank_path, help="suite ranks: the LoRA path (auto, grouped, ...)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=d.out)
     g.add_argument("--workdir", type=Path, default=None, help="keep the model, stores and server logs here")
@@ -158,6 +163,11 @@ def run(opts: BenchOptions) -> dict:
     started = time.time()
     load_before = _loadavg()
     try:
+        if "ranks" in opts.suites:  # in process, before any server starts
+            from loramux.bench.ranks import RankBench
+
+            log.info("suite ranks: in process")
+            result["ranks"] = RankBench(opts).run()
         env.start()
         result["model"] = _model_info(env)
         result["setup_s"] = env.setup_s

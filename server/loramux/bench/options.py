@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUITES = ("mixed", "hot", "kinds", "scale", "sampling", "http", "capacity", "prefix", "chunked")
+SUITES = ("mixed", "hot", "kinds", "scale", "sampling", "http", "capacity", "prefix", "chunked", "ranks")
+DEFAULT_SUITES = SUITES[:-1]  # `ranks` runs when asked for (--suites ranks)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -26,7 +27,7 @@ class BenchOptions:
     device_slots: int = 32
     merged_cache_mb: float = 256.0  # --merged-cache-mb of the merged-cache server
     # what runs
-    suites: tuple[str, ...] = SUITES
+    suites: tuple[str, ...] = DEFAULT_SUITES
     rounds: int = 2
     seed: int = 0
     # the main workload (suites mixed, hot, kinds)
@@ -73,6 +74,12 @@ class BenchOptions:
     chunked_stream_output: int = 320  # long enough to decode through the whole window
     chunked_prompts: int = 4
     chunked_prompt_len: int = 2000
+    # suite ranks (in process, no servers): a decode step per (adapters, ranks)
+    rank_sweep: tuple[int, ...] = (8, 16, 64, 128, 256)  # plus a mix of 8..128
+    rank_adapters: tuple[int, ...] = (1, 16, 64)
+    rank_rows: int = 64
+    rank_reps: int = 3
+    rank_path: str = "auto"  # the LoRA path under test (lora_batched.PATHS)
     # output
     out: Path = field(default_factory=lambda: Path("bench-results"))
     workdir: Path | None = None  # default: a temporary directory, removed afterwards
@@ -109,6 +116,8 @@ class BenchOptions:
             "chunked_stream_output",
             "chunked_prompts",
             "chunked_prompt_len",
+            "rank_rows",
+            "rank_reps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -116,6 +125,12 @@ class BenchOptions:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if any(not 1 <= n <= self.scale_adapters for n in self.scale_counts):
             raise ValueError(f"--scale-counts must lie in 1..{self.scale_adapters}, got {self.scale_counts}")
+        if any(n < 1 for n in (*self.rank_sweep, *self.rank_adapters)):
+            raise ValueError("--rank-sweep and --rank-adapters take positive integers")
+        from loramux.adapters.kinds.lora_batched import PATHS
+
+        if self.rank_path not in PATHS:
+            raise ValueError(f"--rank-path must be one of {', '.join(PATHS)}, got {self.rank_path!r}")
         if self.adapters < 2 and "hot" in self.suites:
             raise ValueError("suite hot needs --adapters >= 2 (one hot adapter and the others)")
 

@@ -75,6 +75,10 @@ def markdown(result: dict) -> str:
                 "interpolated within buckets).",
             ]
         lines.append("")
+    if result.get("ranks"):
+        from loramux.bench.ranks import markdown as ranks_markdown
+
+        lines += ranks_markdown(result["ranks"])
     if result.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in result["plots"]), ""]
     return "\n".join(lines)

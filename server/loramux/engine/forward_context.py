@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from loramux.engine.attention import AttentionMeta
 
 BASE_SLOT = -1
-# How wrapped linears add plain-LoRA deltas (kinds/lora_batched.py): "auto" (the heuristic there),
-# "batched" (every plain segment in one gathered bmm pair) or "segment" (the per-segment reference).
-LORA_PATHS = ("auto", "batched", "segment")
+# How wrapped linears add plain-LoRA deltas (kinds/lora_batched.py): "segment" (the per-segment
+# reference), "grouped" (pure torch: spans of the rank-bucketed stacks, read in place), "triton"
+# (SGMV kernels, CUDA) or "auto" (triton on CUDA when installed, else grouped).
+LORA_PATHS = ("auto", "segment", "grouped", "triton")
 
 
 @dataclass(frozen=True)

@@ -305,7 +305,9 @@ class AdapterCache:
         if self.metrics is None:
             return
         on_device = [s for s in self.slots if s.adapter is not None]
-        self.metrics.set_resident("device", len(on_device), sum(s.adapter.nbytes() for s in on_device))
+        # device bytes: the adapters' device copies plus the layers' LoRA stacks as allocated (lora_stacks.py)
+        device_bytes = sum(s.adapter.nbytes() for s in on_device) + self.wrapped.lora_stack_nbytes()
+        self.metrics.set_resident("device", len(on_device), device_bytes)
         self.metrics.set_resident("host", len(self.host), self.host.nbytes)
         self.metrics.set_slots_free(self.free_slots)
         stored = self.store.list()  # the store tier: every published adapter (bytes = weights files)

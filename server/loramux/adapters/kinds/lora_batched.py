@@ -1,44 +1,45 @@
-"""Batched LoRA: one gathered multiply over every plain-LoRA segment of a forward (Punica / S-LoRA style).
+"""Batched LoRA: every plain-LoRA segment of a forward, reading the resident stacks in place.
 
-`segment_lora` (kinds/lora.py) runs two small matmuls per segment per wrapped
-layer; with 16 adapters in a batch that is 32 kernel launches per layer (CUDA)
-or 32 thread barriers (multi-threaded CPU). Here every layer keeps its slots'
-LoRA weights stacked and zero-padded to the largest installed rank:
+`segment_lora` (kinds/lora.py) runs two small matmuls per segment per wrapped layer:
+the reference path. Plain slots (x·Aᵀ·Bᵀ plus an optional out_shift; no IA3 / DoRA
+scaling, which stay per segment) also live in the layer's `LoraStacks`
+(lora_stacks.py): buckets of one rank ρ each, members dense and in slot order.
 
-    A_all: [slots, in, r_max]    B_all: [slots, r_max, out]    shift_all: [slots, out]
+Paths (one interface: `apply_segments`; the forward context's `lora_path` picks one, and
+`force` overrides it for the forwards the calling thread runs inside it: a contextvar, so the
+engine's own thread never sees another thread's override):
 
-and one forward's plain-LoRA segments are padded to a common length and run as
-two `bmm`s, whatever the number of segments:
+- "segment": per segment, the reference.
+- "grouped" (pure torch): per bucket, the segments are grouped into spans of
+  consecutive stack indices; a span of k indices is one bmm pair on the views
+  a[i:i+k] [k, in, ρ] and b[i:i+k] [k, ρ, out]. No weight is ever copied per step
+  (the previous path gathered each segment's A and B with `index_select` in every
+  layer, every step). The span's rows are x viewed as [k, m, in] when its segments
+  are adjacent and all m rows long, else gathered and zero-padded to the longest
+  (activations, not weights), and scattered back with `index_add_`. A stack index
+  inside a span with no rows in this forward is a block of padding.
+- "triton" (CUDA): Punica-style SGMV kernels (lora_triton.py): per bucket, one shrink
+  and one expand launch for all its segments, each program reading its segment's A and B
+  in place through the segment's stack index. Any lengths, no padding, no gather.
+- "auto": "triton" on CUDA when triton is installed, else "grouped".
 
-    xp = x[idx]                        [nseg, maxlen, in]   (pad entries read row 0)
-    yb = (xp @ A_all[seg]) @ B_all[seg] [nseg, maxlen, out]
-    y.index_add_(0, rows, yb[valid])   pad entries dropped
+The grouping is a cost model in multiply-accumulates (MACs), R = ρ·(in + out):
 
-"Plain" means the slot's `SlotDelta` is x·Aᵀ·Bᵀ plus an optional `out_shift`
-(LoRA bias, base-bias delta): no `in_scale` / `out_scale` (IA3, DoRA), whose
-segments stay on the per-segment path. Slots that hold nothing plain here are
-zeros in the stacks, so a wrong index can only add zero.
+    segment alone            2·C_OP + n·R_r               (R_r: its true rank)
+    span, a view             2·C_OP + k·m·R
+    span, gathered           GATHER_OPS·C_OP + k·m·R + k·m·(in + out)·C_COPY
 
-The gather indices (`BatchPlan`) depend only on the forward's segments and on
-which slots a layer holds plain LoRA in, so `AdapterContext.memo` builds each
-once per forward and every layer with the same slot set shares it.
-
-The path is the forward context's `lora_path` ("auto", "batched", "segment");
-`force` overrides it for the forwards that the calling thread runs inside it
-(tests and benchmarks compare the paths with it; a contextvar, so the engine's
-own thread never sees another thread's override).
-
-Heuristic (`plan_segments`, path "auto"): pad waste is bounded first, by moving
-the longest segments to the per-segment path until nseg·maxlen <= PAD_LIMIT·rows
-(long segments, i.e. prefills, lose nothing there: their own matmuls are large and
-their op cost is amortised); then batch when at least `MIN_SEGMENTS` remain if
-they are equal and adjacent (no gather: x and y are viewed as [nseg, len, ·]), or
-`MIN_SEGMENTS_GATHER` otherwise (the gather and scatter cost as much as a few
-segments). The thresholds come from CPU measurements (see below).
+and the split of a bucket's segments (sorted by stack index) into spans that costs least is
+found by dynamic programming, after the segments longer than LONG × the bucket's median
+(prefills among decode rows) are set aside to run alone. C_OP (one op's fixed cost) and C_COPY (one element gathered or
+scattered) were measured on this 2-core CPU (scripts/bench_lora_kernels.py --calibrate;
+README, "How adapter arithmetic is batched"): a poor value costs speed, never accuracy.
+Every path computes the same sums, exact to float rounding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -47,235 +48,187 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters.kinds.lora import SlotDelta, segment_lora
+from loramux.adapters.kinds.lora_stacks import Bucket, LoraStacks
 from loramux.engine.forward_context import LORA_PATHS, AdapterContext, Segment
 
-Pair = tuple[torch.Tensor, torch.Tensor]
-
-# Fewer plain segments than this and per-segment matmuls are as cheap. Measured on a 2-core CPU (hidden 512,
-# r16, 64 rows; see scripts/bench_lora_kernels.py): per segment costs ~7 us a layer, a batched layer ~30-40 us
-# when the segments are equal and adjacent (a view, no gather) and ~60-80 us when rows must be gathered and
-# scattered. On CUDA, where every op is a launch, the break-even is lower; these are the conservative figures.
-MIN_SEGMENTS = 4  # equal-length adjacent segments (the no-gather span path)
-MIN_SEGMENTS_GATHER = 8  # any other layout (padding, base rows between segments)
-PAD_LIMIT = 2.0  # padded rows (nseg·maxlen) allowed per real row
-# "auto": batch by the heuristic below; "batched": batch every plain segment (no pad limit);
-# "segment": never batch (the reference path).
-MODES = LORA_PATHS
+PATHS = LORA_PATHS
 _FORCED: ContextVar[str | None] = ContextVar("loramux_lora_path", default=None)
+C_OP = 2e5  # one op's fixed cost, in MACs (CPU, 2 threads; see the module docstring)
+C_COPY = 4.0  # one element gathered or scattered, in MACs
+GATHER_OPS = 5  # gather x, bmm, mask, bmm, scatter
+LONG = 4  # a segment longer than LONG × the median of its bucket's runs alone
 
 
 @contextmanager
-def force(mode: str) -> Iterator[None]:
-    """Run this thread's enclosed forwards on LoRA path `mode` ("auto", "batched" or "segment"), whatever
-    their context says; then restore the previous override."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    token = _FORCED.set(mode)
+def force(path: str) -> Iterator[None]:
+    """Run this thread's enclosed forwards on LoRA path `path` (one of PATHS), whatever their context
+    says; then restore the previous override."""
+    if path not in PATHS:
+        raise ValueError(f"LoRA path must be one of {PATHS}, got {path!r}")
+    token = _FORCED.set(path)
     try:
         yield
     finally:
         _FORCED.reset(token)
 
 
-def lora_path(requested: str = "auto") -> str:
-    """The path a forward whose context asks for `requested` takes: `force`'s override, if any."""
+def resolve(requested: str, device: torch.device) -> str:
+    """The concrete path of a forward whose context asks for `requested` (`force`'s override first):
+    "auto" is "triton" on CUDA with triton installed, else "grouped"; a "triton" off CUDA runs in
+    Triton's interpreter (tests)."""
     forced = _FORCED.get()
-    return requested if forced is None else forced
+    path = requested if forced is None else forced
+    if path != "auto":
+        return path
+    if device.type == "cuda":
+        from loramux.adapters.kinds import lora_triton
+
+        if lora_triton.available():
+            return "triton"
+    return "grouped"
 
 
 @dataclass
-class BatchPlan:
-    """One forward's gather indices for a set of plain-LoRA segments, on the model's device."""
+class Span:
+    """k consecutive stack indices [lo, lo + k) of one bucket, run as one bmm pair."""
 
-    segments: list[Segment]  # the batched segments
-    rest: list[Segment]  # the other segments given: per-segment path
-    seg_slots: torch.Tensor  # [nseg] int64: each batched segment's slot
-    # the slots are lo, lo+1, ..., hi-1 in order (the runner sorts rows by slot): stacks sliced, not gathered
-    slot_range: tuple[int, int] | None
-    maxlen: int
-    # contiguous equal-length segments covering rows [lo, hi): a view, no gather, no scatter
-    span: tuple[int, int] | None
-    idx: torch.Tensor | None  # [nseg·maxlen] int64: source row of each padded entry (pads read row 0)
-    valid: torch.Tensor | None  # [n_valid] int64: padded entries that are real rows (None: no padding)
-    rows: torch.Tensor | None  # [n_valid] int64: the row each real entry adds into
-    pad: torch.Tensor | None  # [nseg, maxlen, 1] bool: True at pad entries (None: no padding)
+    lo: int
+    k: int
+    m: int  # rows per index (the longest segment's)
+    segments: list[Segment]
+    view: tuple[int, int] | None = None  # rows [start, end) as [k, m, ·]: no gather, no scatter
+    idx: torch.Tensor | None = None  # [k·m] source row of each entry (pads read the first row)
+    pad: torch.Tensor | None = None  # [k, m, 1] True at pad entries (None: none)
+    valid: torch.Tensor | None = None  # [n_real] entries that are real rows (None: all)
+    rows: torch.Tensor | None = None  # [n_real] the row each real entry adds into
 
 
-def plan_segments(
-    segments: Sequence[Segment], plain: frozenset[int], device: torch.device, path: str = "auto"
-) -> BatchPlan | None:
-    """Split `segments` into a batched set (slots in `plain`) and the rest; None when batching does not pay."""
-    mode = lora_path(path)
-    if mode == "segment":
-        return None
-    cand = [s for s in segments if s.slot in plain]
-    if mode == "auto":
-        # drop the longest segments (they go per segment) until padding is bounded; sorted: longest last
-        cand.sort(key=lambda s: s.end - s.start)
-        total = sum(s.end - s.start for s in cand)
-        while cand and len(cand) * (cand[-1].end - cand[-1].start) > PAD_LIMIT * total:
-            total -= cand[-1].end - cand[-1].start
-            cand.pop()
-        if len(cand) < MIN_SEGMENTS:
-            return None
-        cand.sort(key=lambda s: s.start)
-    if not cand:
-        return None
-    chosen = set(cand)
-    rest = [s for s in segments if s not in chosen]
-    lens = [s.end - s.start for s in cand]
-    maxlen = max(lens)
-    slot_list = [s.slot for s in cand]
-    seg_slots = torch.tensor(slot_list, dtype=torch.long, device=device)
-    lo_slot, hi_slot = slot_list[0], slot_list[-1] + 1
-    slot_range = (lo_slot, hi_slot) if slot_list == list(range(lo_slot, hi_slot)) else None
-    contiguous = all(n == maxlen for n in lens) and all(a.end == b.start for a, b in zip(cand, cand[1:]))
-    if mode == "auto" and not contiguous and len(cand) < MIN_SEGMENTS_GATHER:
-        return None
-    if contiguous:
-        span = (cand[0].start, cand[-1].end)
-        return BatchPlan(cand, rest, seg_slots, slot_range, maxlen, span, None, None, None, None)
-    starts = torch.tensor([s.start for s in cand], dtype=torch.long)
-    offs = torch.arange(maxlen, dtype=torch.long)
-    real = offs[None, :] < torch.tensor(lens, dtype=torch.long)[:, None]  # [nseg, maxlen]
-    idx = torch.where(real, starts[:, None] + offs[None, :], 0).reshape(-1)
-    valid = real.reshape(-1).nonzero().squeeze(1)
-    padded = int(valid.numel()) != idx.numel()
-    return BatchPlan(
-        cand, rest, seg_slots, slot_range, maxlen, None,
-        idx.to(device),
-        valid.to(device) if padded else None,
-        idx[valid].to(device),
-        (~real)[:, :, None].to(device) if padded else None,
-    )  # fmt: skip
+@dataclass
+class BucketPlan:
+    rank: int
+    spans: list[Span]
+    singles: list[tuple[Segment, int]]  # (segment, stack index): two matmuls on views
+    sgmv: torch.Tensor | None = None  # triton: [nseg, 3] int32 (start, length, stack index)
+    maxlen: int = 0
 
 
-class StackedLora:
-    """One layer's plain-LoRA weights for every slot, stacked and zero-padded (see the module docstring).
+def group(segs: list[tuple[Segment, int]], rank: int, true_rank: dict[int, int], io: int) -> list[list]:
+    """The cheapest split of (segment, stack index) pairs, sorted by index, into spans (module docstring).
 
-    Allocated on the first plain slot; grows (re-allocates) when a slot index or a rank exceeds it.
-    The slots' `SlotDelta.a_t` / `b_t` are views into these stacks, so the weights are held once.
+    Dynamic programming over split points, O(n²) with each span's cost kept incrementally:
+    best[j] = min over i of best[i] + cost(segs[i:j]); a span of one segment runs alone.
     """
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        self.in_features = in_features
-        self.out_features = out_features
-        self.a_all: torch.Tensor | None = None  # [n, in, r_max]
-        self.b_all: torch.Tensor | None = None  # [n, r_max, out]
-        self.shift_all: torch.Tensor | None = None  # [n, out]; allocated on the first out_shift
-        self.ranks: dict[int, int] = {}  # slot -> rank, for every plain slot
-        self.shifted: set[int] = set()  # plain slots with an out_shift
-        self.plain: frozenset[int] = frozenset()  # the plain slots: the memo key of this layer's plan
-
-    def put(self, slot: int, a_t: torch.Tensor, b_t: torch.Tensor, shift: torch.Tensor | None) -> Pair:
-        """Store slot's a_t [in, r], b_t [r, out] (and shift [out]); returns the views to use as a_t, b_t."""
-        r = a_t.shape[1]
-        n = 0 if self.a_all is None else self.a_all.shape[0]
-        r_max = 0 if self.a_all is None else self.a_all.shape[2]
-        if slot >= n or r > r_max:
-            self._grow(max(n, slot + 1), max(r_max, r), a_t)
-        a_all, b_all = self.stacks()
-        a_all[slot].zero_()
-        b_all[slot].zero_()
-        a_all[slot, :, :r] = a_t
-        b_all[slot, :r] = b_t
-        self.ranks[slot] = r
-        self.shifted.discard(slot)
-        if shift is not None:
-            if self.shift_all is None:
-                self.shift_all = a_t.new_zeros(a_all.shape[0], self.out_features)
-            self.shift_all[slot] = shift
-            self.shifted.add(slot)
-        elif self.shift_all is not None:
-            self.shift_all[slot].zero_()
-        self.plain = frozenset(self.ranks)
-        return self.views(slot)
-
-    def drop(self, slot: int) -> None:
-        """Slot holds no plain LoRA here any more: zero it so batched segments of it add nothing."""
-        if slot not in self.ranks:
-            return
-        del self.ranks[slot]
-        self.shifted.discard(slot)
-        a_all, b_all = self.stacks()
-        a_all[slot].zero_()
-        b_all[slot].zero_()
-        if self.shift_all is not None:
-            self.shift_all[slot].zero_()
-        self.plain = frozenset(self.ranks)
-
-    def views(self, slot: int) -> Pair:
-        a_all, b_all = self.stacks()
-        r = self.ranks[slot]
-        return a_all[slot, :, :r], b_all[slot, :r]  # [in, r], [r, out]
-
-    def stacks(self) -> Pair:
-        if self.a_all is None or self.b_all is None:
-            raise ValueError("this layer holds no LoRA weights to batch")
-        return self.a_all, self.b_all
-
-    def _grow(self, n: int, r_max: int, like: torch.Tensor) -> None:
-        a_all = like.new_zeros(n, self.in_features, r_max)
-        b_all = like.new_zeros(n, r_max, self.out_features)
-        if self.a_all is not None and self.b_all is not None:
-            n0, _, r0 = self.a_all.shape
-            a_all[:n0, :, :r0] = self.a_all
-            b_all[:n0, :r0] = self.b_all
-        if self.shift_all is not None:
-            shift_all = like.new_zeros(n, self.out_features)
-            shift_all[: self.shift_all.shape[0]] = self.shift_all
-            self.shift_all = shift_all
-        self.a_all, self.b_all = a_all, b_all
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.a_all, self.b_all, self.shift_all) if t is not None)
+    n = len(segs)
+    rk = rank * io
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for i in range(n):
+        m, lo, rows_min, contiguous = 0, segs[i][1], math.inf, True
+        for j in range(i, n):
+            seg, idx = segs[j]
+            length = seg.end - seg.start
+            m, rows_min = max(m, length), min(rows_min, length)
+            if j > i:
+                prev, pidx = segs[j - 1]
+                contiguous = contiguous and idx == pidx + 1 and prev.end == seg.start
+            k = idx - lo + 1
+            if j == i:
+                cost = 2 * C_OP + length * true_rank[seg.slot] * io
+            elif contiguous and rows_min == m:
+                cost = 2 * C_OP + k * m * rk
+            else:
+                cost = GATHER_OPS * C_OP + k * m * (rk + io * C_COPY)
+            if best[i] + cost < best[j + 1]:
+                best[j + 1], cut[j + 1] = best[i] + cost, i
+    groups: list[list[tuple[Segment, int]]] = []
+    j = n
+    while j > 0:
+        groups.append(segs[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
-def batched_lora(y: torch.Tensor, x: torch.Tensor, plan: BatchPlan, stacked: StackedLora) -> None:
-    """y[rows] += x[rows]·Aᵀ·Bᵀ (+ shift) for every segment of `plan`, in place, in O(1) ops.
+def plan_bucket(
+    bk: Bucket, segments: Sequence[Segment], stacks: LoraStacks, path: str, device: torch.device
+) -> BucketPlan:
+    pos = {slot: i for i, slot in enumerate(bk.order)}
+    segs = sorted(((s, pos[s.slot]) for s in segments if s.slot in pos), key=lambda t: t[1])
+    plan = BucketPlan(bk.rank, [], [])
+    if path == "triton":
+        if segs:
+            rows = [[s.start, s.end - s.start, i] for s, i in segs]
+            plan.sgmv = torch.tensor(rows, dtype=torch.int32, device=device)
+            plan.maxlen = max(r[1] for r in rows)
+        return plan
+    if segs:
+        # long segments (prefills among decode rows) run alone: in a span they would pad every other
+        # segment to their length, and their own matmuls are large enough to amortise their ops
+        lens = sorted(s.end - s.start for s, _ in segs)
+        limit = max(1, LONG * lens[len(lens) // 2])
+        plan.singles = [t for t in segs if t[0].end - t[0].start > limit]
+        segs = [t for t in segs if t[0].end - t[0].start <= limit]
+    for g in group(segs, bk.rank, stacks.ranks, stacks.in_features + stacks.out_features):
+        if len(g) == 1:
+            plan.singles.append(g[0])
+        else:
+            plan.spans.append(_make_span(g, device))
+    return plan
 
-    y: [tokens, out], x: [tokens, in]; the plan's slots must be plain LoRA slots of `stacked` (or zeros there).
-    """
-    a_all, b_all = stacked.stacks()
-    nseg, m = plan.seg_slots.shape[0], plan.maxlen
-    if plan.slot_range is not None:
-        a, b = a_all[plan.slot_range[0] : plan.slot_range[1]], b_all[plan.slot_range[0] : plan.slot_range[1]]
+
+def _make_span(g: list[tuple[Segment, int]], device: torch.device) -> Span:
+    lo, hi = g[0][1], g[-1][1] + 1
+    k = hi - lo
+    lens = [s.end - s.start for s, _ in g]
+    m = max(lens)
+    span = Span(lo, k, m, [s for s, _ in g])
+    if k == len(g) and min(lens) == m and all(a.end == b.start for (a, _), (b, _) in zip(g, g[1:])):
+        span.view = (g[0][0].start, g[-1][0].end)
+        return span
+    src = torch.full((k, m), g[0][0].start, dtype=torch.long)
+    real = torch.zeros(k, m, dtype=torch.bool)
+    for s, i in g:
+        n = s.end - s.start
+        src[i - lo, :n] = torch.arange(s.start, s.end)
+        real[i - lo, :n] = True
+    flat_real = real.reshape(-1)
+    span.idx = src.reshape(-1).to(device)
+    if not bool(flat_real.all()):
+        valid = flat_real.nonzero().squeeze(1)
+        span.pad = (~real)[:, :, None].to(device)
+        span.valid = valid.to(device)
+        span.rows = src.reshape(-1)[valid].to(device)
     else:
-        a = a_all.index_select(0, plan.seg_slots)  # [nseg, in, r_max]
-        b = b_all.index_select(0, plan.seg_slots)  # [nseg, r_max, out]
-    shift = None
-    if stacked.shift_all is not None and any(s.slot in stacked.shifted for s in plan.segments):
-        shift = stacked.shift_all.index_select(0, plan.seg_slots)[:, None, :]  # [nseg, 1, out]
-    if plan.span is not None:
-        lo, hi = plan.span
-        xp = x[lo:hi].reshape(nseg, m, -1)  # [nseg, m, in], a view when x is contiguous
-        yv = y[lo:hi].view(nseg, m, -1)  # [nseg, m, out], writes into y
+        span.rows = span.idx
+    return span
+
+
+def run_span(y: torch.Tensor, x: torch.Tensor, bk: Bucket, span: Span, shifted: bool) -> None:
+    """y[rows] += x[rows]·A·B (+ shift) for one span, reading the stacks through views."""
+    a = bk.a[span.lo : span.lo + span.k]  # [k, in, ρ], a view
+    b = bk.b[span.lo : span.lo + span.k]  # [k, ρ, out], a view
+    shift = bk.shift[span.lo : span.lo + span.k, None, :] if shifted and bk.shift is not None else None  # [k, 1, out]
+    k, m = span.k, span.m
+    if span.view is not None:
+        lo, hi = span.view
+        xp = x[lo:hi].reshape(k, m, -1)  # [k, m, in], a view when x is contiguous
+        yv = y[lo:hi].view(k, m, -1)  # [k, m, out], writes into y
         if shift is not None:
             yv += shift
         torch.baddbmm(yv, torch.bmm(xp, a), b, out=yv)
         return
-    elif plan.idx is not None:
-        xp = x.index_select(0, plan.idx).view(nseg, m, -1)  # [nseg, m, in]
-    else:
-        raise ValueError("a batch plan needs a row span or gather indices")
-    xa = torch.bmm(xp, a)  # [nseg, m, r_max]
+    if span.idx is None or span.rows is None:
+        raise ValueError("a gathered span needs its gather indices")
+    xp = x.index_select(0, span.idx).view(k, m, -1)  # [k, m, in]: activations, never weights
+    xa = torch.bmm(xp, a)  # [k, m, ρ]
     if shift is None:
-        # zero the pad entries while they are narrow (r_max wide, not out): they then add 0 to row 0,
-        # and every entry scatters without first selecting the real ones
-        if plan.pad is not None:
-            xa.masked_fill_(plan.pad, 0)
-        if plan.idx is None:
-            raise ValueError("a gathered batch plan needs its gather indices")
-        y.index_add_(0, plan.idx, torch.bmm(xa, b).view(nseg * m, -1))
+        if span.pad is not None:
+            xa.masked_fill_(span.pad, 0)  # pads then add 0 to the row they read
+        y.index_add_(0, span.idx, torch.bmm(xa, b).view(k * m, -1))
         return
-    yb = torch.bmm(xa, b)  # [nseg, m, out]
-    yb += shift
-    flat = yb.view(nseg * m, -1)  # [nseg·m, out]
-    if plan.valid is not None:
-        flat = flat.index_select(0, plan.valid)  # [n_valid, out]
-    if plan.rows is None:
-        raise ValueError("a gathered batch plan needs its target rows")
-    y.index_add_(0, plan.rows, flat)
+    flat = torch.baddbmm(shift, xa, b).view(k * m, -1)  # [k·m, out]
+    if span.valid is not None:
+        flat = flat.index_select(0, span.valid)  # [n_real, out]
+    y.index_add_(0, span.rows, flat)
 
 
 def apply_segments(
@@ -284,22 +237,38 @@ def apply_segments(
     ctx: AdapterContext,
     segments: Sequence[Segment],
     deltas: Sequence[SlotDelta | None],
-    stacked: StackedLora,
+    stacks: LoraStacks,
     which: str,
 ) -> None:
-    """Add every segment's delta to y [tokens, out] in place: batched where it pays, per segment otherwise.
+    """Add every segment's delta to y [tokens, out] in place, on the forward's LoRA path.
 
     `which` names the context's segment list (the plan memo key): "all" = ctx.adapter_segments,
     "others" = ctx.other_adapter_segments.
     """
-    mode = lora_path(ctx.lora_path)
-    if stacked.plain and mode != "segment":
-        plain = stacked.plain
-        plan = ctx.memo(
-            ("lora_plan", which, plain, mode, MIN_SEGMENTS, PAD_LIMIT),
-            lambda: plan_segments(segments, plain, ctx.slots.device, mode),
-        )
-        if plan is not None:
-            batched_lora(y, x, plan, stacked)
-            segments = plan.rest
-    segment_lora(y, x, segments, deltas)
+    path = resolve(ctx.lora_path, y.device)
+    if path == "segment" or not stacks.buckets:
+        segment_lora(y, x, segments, deltas)
+        return
+    plans = ctx.memo(
+        ("lora_plan", which, stacks.layout, path, C_OP, C_COPY),
+        lambda: [plan_bucket(bk, segments, stacks, path, y.device) for _, bk in sorted(stacks.buckets.items())],
+    )
+    plain = stacks.plain
+    segment_lora(y, x, [s for s in segments if s.slot not in plain], deltas)
+    shifted = bool(stacks.shifted)
+    for plan in plans:
+        bk = stacks.buckets[plan.rank]
+        if plan.sgmv is not None:
+            from loramux.adapters.kinds import lora_triton
+
+            lora_triton.sgmv(y, x, bk, plan.sgmv, plan.maxlen, shifted)
+            continue
+        for span in plan.spans:
+            run_span(y, x, bk, span, shifted)
+        if plan.singles:
+            segment_lora(y, x, [s for s, _ in plan.singles], deltas)
+
+
+def flop_ceiling(base_macs: float, lora_macs: float) -> float:
+    """What mixed ÷ base throughput can reach at best: base MACs ÷ (base + LoRA MACs)."""
+    return base_macs / (base_macs + lora_macs) if base_macs + lora_macs > 0 else math.nan

@@ -15,7 +15,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loramux.adapters.kinds.lora import MergedWeight, SlotDelta, segment_unmerge
-from loramux.adapters.kinds.lora_batched import StackedLora, apply_segments
+from loramux.adapters.kinds.lora_batched import apply_segments
+from loramux.adapters.kinds.lora_stacks import LoraStacks
 from loramux.adapters.kinds.peft_adapter import ModuleWeights
 from loramux.adapters.model.decoder_layers import find_decoder_layers
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
@@ -41,8 +42,8 @@ class MultiAdapterLinear(nn.Module):
         self._parts: list[ModuleWeights | None] = [None] * num_slots
         # slot -> compiled delta; what forward reads
         self.deltas: list[SlotDelta | None] = [None] * num_slots
-        # plain-LoRA slots' A / B stacked for batched LoRA; their deltas' a_t / b_t are views into it
-        self.stacked = StackedLora(self.in_features, self.out_features)
+        # plain-LoRA slots' A / B stacked by rank bucket for batched LoRA; their deltas' a_t / b_t are views into it
+        self.stacked = LoraStacks(self.in_features, self.out_features)
         # slot -> merged copy of W0 + delta (cache/merged.py); used when ctx.merged_slot is that slot
         self.merged: dict[int, MergedWeight] = {}
 
@@ -141,7 +142,7 @@ class MultiAdapterLinear(nn.Module):
         self._slot_index(slot)
         self._parts[slot] = None
         self.deltas[slot] = None
-        self.stacked.drop(slot)
+        self._unstack(slot)
         self.merged.pop(slot, None)
 
     def parts(self, slot: int) -> ModuleWeights | None:
@@ -161,8 +162,18 @@ class MultiAdapterLinear(nn.Module):
         self.merged.pop(self._slot_index(slot), None)
 
     def slot_nbytes(self, slot: int) -> int:
+        """What `slot` holds in this layer: its own tensors, or for a plain LoRA slot its rank bucket's share."""
         d = self.deltas[self._slot_index(slot)]
-        return 0 if d is None else d.nbytes()
+        if d is None:
+            return 0
+        if slot in self.stacked.where:
+            return self.stacked.slot_nbytes(slot)  # plain: no in / out scales, its shift is in the stacks
+        return d.nbytes()
+
+    def resident_nbytes(self) -> int:
+        """Bytes of adapter weights this layer really holds: the stacks as allocated, plus unstacked deltas."""
+        own = sum(d.nbytes() for s, d in enumerate(self.deltas) if d is not None and s not in self.stacked.where)
+        return own + self.stacked.nbytes()
 
     def _slot_index(self, slot: int) -> int:
         if not 0 <= slot < self.num_slots:
@@ -186,7 +197,7 @@ class MultiAdapterLinear(nn.Module):
         p = self._parts[slot]
         if p is None:
             self.deltas[slot] = None
-            self.stacked.drop(slot)
+            self._unstack(slot)
             return
         d = SlotDelta()
         shift = p.bias_delta
@@ -219,13 +230,22 @@ class MultiAdapterLinear(nn.Module):
         self.deltas[slot] = None if empty else d
         if d.a_t is not None and d.b_t is not None and d.in_scale is None and d.out_scale is None:
             self.stacked.put(slot, d.a_t, d.b_t, d.out_shift)
-            # hold the weights once: every plain slot reads views of the stacks (re-pointed, as put may grow them)
-            for s in self.stacked.ranks:
-                ds = self.deltas[s]
-                if ds is not None:
-                    ds.a_t, ds.b_t = self.stacked.views(s)
+            self._repoint()
         else:
+            self._unstack(slot)
+
+    def _unstack(self, slot: int) -> None:
+        if slot in self.stacked.where:
             self.stacked.drop(slot)
+            self._repoint()
+
+    def _repoint(self) -> None:
+        # hold the weights once: every plain slot reads views of the stacks, re-pointed after each
+        # put / drop (members move within their bucket, buckets grow and shrink)
+        for s in self.stacked.where:
+            ds = self.deltas[s]
+            if ds is not None:
+                ds.a_t, ds.b_t = self.stacked.views(s)
 
     def extra_repr(self) -> str:
         used = sum(d is not None for d in self.deltas)

@@ -36,3 +36,7 @@ class WrappedModel:
         self.blocks = wrap_blocks(model, self.holder, num_slots)
         # device slot -> its soft prompt (virtual tokens or KV prefix), which the runner places per request
         self.soft_prompts: dict[int, SoftPrompt] = {}
+
+    def lora_stack_nbytes(self) -> int:
+        """Bytes the wrapped layers' plain-LoRA stacks hold on the device, unused capacity included."""
+        return sum(layer.stacked.nbytes() for layer in self.linears.values())
