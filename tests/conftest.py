@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from loramux.config import LORA_PATHS  # noqa: E402
 from loramux.model import build_from_config, byte_tokenizer, tiny_llama_config  # noqa: E402
 
 
@@ -18,6 +19,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=24,
         help="requests each client thread of tests/test_soak.py sends (default 24)",
     )
+    what = "run every forward on this LoRA path: in-thread forwards and the servers tests start"
+    parser.addoption("--lora-path", default=None, choices=LORA_PATHS, help=what)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--lora-path")
+    if path is not None:
+        import harness
+
+        harness.LORA_PATH = path
+
+
+@pytest.fixture(autouse=True)
+def _forced_lora_path(request: pytest.FixtureRequest):  # noqa: ANN202
+    """With --lora-path, this test's own forwards (mixed_logits and the like) take that path too."""
+    path = request.config.getoption("--lora-path")
+    if path is None:
+        yield
+        return
+    from loramux.adapters.kinds import lora_batched
+
+    with lora_batched.force(path):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,13 @@ from loramux.config import EngineConfig, ServerConfig
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+# The LoRA path of the servers tests start, unless a test names one (`pytest --lora-path PATH`, conftest.py).
+LORA_PATH = "auto"
 
 
 class ServerThread:
     def __init__(self, model: str | Path = "demo", store: Path | None = None, **overrides: object) -> None:
+        overrides.setdefault("lora_path", LORA_PATH)
         engine_fields = set(EngineConfig.__dataclass_fields__)
         engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
         rest = {k: v for k, v in overrides.items() if k not in engine_fields}
@@ -163,6 +166,8 @@ class ServeProcess:
             "cpu",
             "--log-format",
             "json",
+            "--lora-path",
+            LORA_PATH,
             *extra,
         ]
         with self.out.open("w") as out, self.err.open("w") as err:

@@ -35,29 +35,36 @@ def _gen(seed: int) -> torch.Generator:
 
 def _lora(layer: MultiAdapterLinear, slot: int, r: int, seed: int, **kw) -> None:
     g = _gen(seed)
+    w = layer.base_layer.weight
     a = torch.randn(r, IN, generator=g) / IN**0.5
-    layer.set_lora(slot, a, torch.randn(OUT, r, generator=g) / r**0.5, **kw)
+    b = torch.randn(OUT, r, generator=g) / r**0.5
+    kw = {k: v.to(w.device, w.dtype) for k, v in kw.items()}
+    layer.set_lora(slot, a.to(w.device, w.dtype), b.to(w.device, w.dtype), **kw)
 
 
 RANKS = (4, 256, 16, 8, 128, 5, 64, 12, 33, 4, 8, 16, 32, 100, 8, 16)
 
 
-def _mixed_layer(conv1d: bool = False, num_slots: int = 20) -> MultiAdapterLinear:
+def _mixed_layer(conv1d: bool = False, num_slots: int = 20, device: str = "cpu", dtype=torch.float32):  # noqa: ANN001
     """LoRA of ranks 4..256 in most slots; LoRA + bias, DoRA, IA3 (out, feed-forward), a bias delta, empty."""
     torch.manual_seed(0)
     base = Conv1D(OUT, IN) if conv1d else torch.nn.Linear(IN, OUT)
     torch.nn.init.normal_(base.weight, std=0.2)
     torch.nn.init.normal_(base.bias, std=0.2)
-    layer = MultiAdapterLinear(base, ContextHolder(), num_slots)
+    layer = MultiAdapterLinear(base.to(device, dtype), ContextHolder(), num_slots)
     g = _gen(1)
+
+    def vec(n: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        return (offset + scale * torch.randn(n, generator=g)).to(device, dtype)
+
     for slot, r in enumerate(RANKS):
         _lora(layer, slot, r, seed=10 + slot)
-    _lora(layer, 6, 64, seed=16, lora_bias=torch.randn(OUT, generator=g))  # LoRA + bias: plain, shifted
-    _lora(layer, 7, 12, seed=17, dora_g=1 + 0.3 * torch.randn(OUT, generator=g))  # DoRA
-    layer.set_ia3(16, 1 + 0.3 * torch.randn(OUT, generator=g), feedforward=False)
-    layer.set_ia3(17, 1 + 0.3 * torch.randn(IN, generator=g), feedforward=True)
-    layer.set_bias_delta(18, torch.randn(OUT, generator=g))
-    layer.set_bias_delta(11, torch.randn(OUT, generator=g))  # LoRA + base-bias delta: still plain
+    _lora(layer, 6, 64, seed=16, lora_bias=vec(OUT))  # LoRA + bias: plain, shifted
+    _lora(layer, 7, 12, seed=17, dora_g=vec(OUT, 0.3, 1.0))  # DoRA
+    layer.set_ia3(16, vec(OUT, 0.3, 1.0), feedforward=False)
+    layer.set_ia3(17, vec(IN, 0.3, 1.0), feedforward=True)
+    layer.set_bias_delta(18, vec(OUT))
+    layer.set_bias_delta(11, vec(OUT))  # LoRA + base-bias delta: still plain
     return layer  # slot 19: empty
 
 
@@ -256,3 +263,26 @@ def test_mixed_batch_matches_peft_every_path(peft_setup, path):
         lora_batched.C_OP = old
     for logits, seq, ref in zip(got, seqs, refs):
         torch.testing.assert_close(logits, reference_logits(ref, seq), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not lora_triton.available(), reason="needs triton and a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_compiled_on_cuda_equals_per_segment(dtype):
+    """The compiled kernels (not the interpreter) on every layout, against the reference on the same GPU."""
+    layer = _mixed_layer(device="cuda", dtype=dtype)
+    for shape, lengths in LENGTHS.items():
+        rows = _rows(lengths)
+        ctx = AdapterContext.from_row_slots(rows, torch.device("cuda"))
+        layer.holder.set(ctx)
+        x = torch.randn(1, len(rows), IN, generator=_gen(5)).to("cuda", dtype)
+        try:
+            with torch.no_grad():
+                with lora_batched.force("segment"):
+                    ref = layer(x)[0].float()
+                ctx._memo.clear()
+                with lora_batched.force("auto"):
+                    got = layer(x)[0].float()
+        finally:
+            layer.holder.set(None)
+        tol = ATOL if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, ref, atol=tol, rtol=0 if dtype == torch.float32 else 2e-2, msg=shape)

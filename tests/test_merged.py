@@ -165,6 +165,9 @@ def test_cost_model_and_traffic_window():
     assert choose_mode(BatchShape(4000, 4000, 2), lora, 8, "cpu") is Mode.SPLIT  # many rows each: split
     assert choose_mode(BatchShape(4000, 2, 1), dora, 8, "cpu") is Mode.SPLIT  # DoRA: no subtract
     assert choose_mode(BatchShape(1, 40, 1), dora, 8, "cpu") is Mode.UNMERGED
+    # beside other LoRA rows an unmerged delta rides in their spans (no ops of its own): no subtract then
+    assert choose_mode(BatchShape(30, 2, 1), lora, 8, "cpu") is Mode.MERGED
+    assert choose_mode(BatchShape(30, 2, 1, joins_batched=True), lora, 8, "cpu") is Mode.UNMERGED
     w = TrafficWindow(100)
     w.record({"a": 20, None: 10})
     assert w.hot(0.5) == []  # under half a window: no judgement yet

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+# How wrapped linears add plain-LoRA deltas (adapters/kinds/lora_batched.py): "segment" (the per-segment
+# reference), "grouped" (pure torch: spans of the rank-bucketed stacks, read in place), "triton" (SGMV
+# kernels, CUDA) or "auto" (triton on CUDA when installed, else grouped).
+LORA_PATHS = ("auto", "segment", "grouped", "triton")
 
 
 def _flag(default: Any, help: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
@@ -42,6 +46,7 @@ class EngineConfig:
     kv_cache_mb: float = _flag(0.0, "the KV block pool, K and V of every layer (0 = half the free memory, capped)")
     block_size: int = _flag(16, "tokens per KV block")
     prefix_caching: bool = _flag(True, "do not reuse the KV blocks of an identical prefix (on by default)")
+    lora_path: str = _flag("auto", "how LoRA deltas are computed (auto: triton on CUDA, else grouped)", LORA_PATHS)
 
     def validate(self) -> None:
         _positive("max_running", self.max_running)
@@ -57,6 +62,8 @@ class EngineConfig:
         _positive("block_size", self.block_size)
         if self.block_size > 1024:
             raise ValueError(f"block_size must be at most 1024, got {self.block_size}")
+        if self.lora_path not in LORA_PATHS:
+            raise ValueError(f"lora_path must be one of {', '.join(LORA_PATHS)}, got {self.lora_path!r}")
         if not 0.0 < self.merge_threshold <= 1.0:
             raise ValueError(f"merge_threshold must be in (0, 1], got {self.merge_threshold}")
 

@@ -55,7 +55,7 @@ class Engine:
         )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.block_size)
         self.batch_tokens = config.max_batch_tokens or default_batch_tokens(base.device.type)
-        self.runner = Runner(wrapped, self.pool)
+        self.runner = Runner(wrapped, self.pool, config.lora_path)
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             config, self.pool, adapters, max_len=self.max_len, batch_tokens=self.batch_tokens,

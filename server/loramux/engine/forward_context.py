@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loramux.config import LORA_PATHS  # noqa: F401 (re-exported: the LoRA paths, adapters/kinds/lora_batched.py)
+
 if TYPE_CHECKING:
     from loramux.engine.attention import AttentionMeta
 
 BASE_SLOT = -1
-# How wrapped linears add plain-LoRA deltas (kinds/lora_batched.py): "segment" (the per-segment
-# reference), "grouped" (pure torch: spans of the rank-bucketed stacks, read in place), "triton"
-# (SGMV kernels, CUDA) or "auto" (triton on CUDA when installed, else grouped).
-LORA_PATHS = ("auto", "segment", "grouped", "triton")
+
 
 
 @dataclass(frozen=True)

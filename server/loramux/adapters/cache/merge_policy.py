@@ -12,13 +12,18 @@ How to run a batch (`choose_mode`): a simple cost model in multiply-accumulates
 adapter, T_o other rows, R = Σ r·(in + out) its delta's MACs per row, L the layers
 it touches and c_op what launching one op costs, expressed in MACs:
 
-    unmerged  T_m·R + 2·L·c_op                 the merged adapter's own delta, as if not merged
+    unmerged  T_m·R + j·2·L·c_op               the merged adapter's own delta, as if not merged
     subtract  T_o·R + 2·L·spans·c_op           dLoRA: every other row undoes B·A (plain LoRA only)
     split     ops_per_forward·c_op             a second forward for the other rows: its fixed cost
 
-The cheapest wins; a batch of only merged rows always runs merged. c_op is rough
-(CPU: an op costs about as much as 2e5 MACs; CUDA: about 5e7, launch-bound) and
-only decides between exact modes, so a poor value costs speed, never accuracy.
+j is 0 when other plain-LoRA rows are in the batch (`joins_batched`): the batched LoRA
+paths (kinds/lora_batched.py) then run the merged adapter's segment inside the span or
+SGMV launch they run anyway, so unmerged it costs its MACs and no ops of its own; else 1
+(two matmuls per layer). The cheapest wins; a batch of only merged rows always runs merged.
+c_op on CPU is measured (`scripts/bench_lora_kernels.py --calibrate`: one small op ≈ 1.5e5 to
+3.5e5 MACs of a large matmul on this 2-core machine, so 2e5); on CUDA 5e7 (launch-bound) is an
+estimate, not a measurement. It only decides between exact modes, so a poor value costs speed,
+never accuracy.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class BatchShape:
     merged_rows: int  # token rows of the merged adapter
     other_rows: int  # every other token row, base rows included
     other_spans: int  # contiguous runs of other rows (rows are grouped by slot: at most 2)
+    joins_batched: bool = False  # other plain-LoRA rows are in the batch: an unmerged delta adds no ops
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def choose_mode(shape: BatchShape, cost: MergeCost, num_decoder_layers: int, dev
         return Mode.MERGED
     c_op = OP_MACS.get(device_type, OP_MACS["cuda"])
     costs = {
-        Mode.UNMERGED: shape.merged_rows * cost.row_macs + 2 * cost.layers * c_op,
+        Mode.UNMERGED: shape.merged_rows * cost.row_macs + (0 if shape.joins_batched else 2 * cost.layers * c_op),
         Mode.SPLIT: OPS_PER_DECODER_LAYER * num_decoder_layers * c_op,
     }
     if cost.subtractable:

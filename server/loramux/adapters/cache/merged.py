@@ -126,7 +126,9 @@ class MergedCache:
         e = max(ready, key=lambda e: rows[e.slot])
         merged_rows = rows[e.slot]
         others = sum(rows.values()) - merged_rows
-        shape = BatchShape(merged_rows, others, 1 if others else 0)  # the runner puts merged rows last: one span
+        adapters = sum(n for slot, n in rows.items() if slot not in (-1, e.slot))  # other adapters' rows
+        # the runner puts merged rows last: one span of others
+        shape = BatchShape(merged_rows, others, 1 if others else 0, joins_batched=adapters > 0 and e.cost.subtractable)
         mode = choose_mode(shape, e.cost, self.num_decoder_layers, self.wrapped.device.type)
         if mode is Mode.UNMERGED:
             return -1, False
