@@ -17,10 +17,11 @@ from transformers.pytorch_utils import Conv1D
 from loramux.adapters.formats.loader import load_adapter_dir
 from loramux.adapters.kinds import lora_batched, lora_triton
 from loramux.adapters.kinds.lora import MergedWeight
+from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.kinds.lora_stacks import bucket_rank
 from loramux.adapters.model.linear import MultiAdapterLinear
 from loramux.adapters.model.wrapped import WrappedModel
-from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder, Segment
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder, Segment, row_segments, to_device
 from loramux.model import build_from_config, tiny_llama_config
 
 ATOL = 1e-5  # float32: the same sums in another order
@@ -214,6 +215,44 @@ def test_plan_groups_by_stack_index():
     with pytest.raises(ValueError, match="LoRA path"):
         with lora_batched.force("fast"):
             pass
+
+
+@pytest.mark.parametrize("path", ["spans", pytest.param("triton", marks=needs_triton)])
+def test_prepared_plans_ride_in_the_forwards_one_copy(path):
+    """The runner's order: every layer prepares (one plan per stack layout), one copy carries the
+    forward's own indices and the plans', then the layers run on those plans, equal to the reference."""
+    holder = ContextHolder()
+    layers = [_mixed_layer(), _mixed_layer()]  # one stack layout: one plan for both
+    for layer in layers:
+        layer.holder = holder
+    rows = _rows(LENGTHS["decode"])
+    x = torch.randn(1, len(rows), IN, generator=_gen(5))
+    ref = _run(layers[0], rows, "segment")
+    old = lora_batched.C_OP
+    forced, lora_batched.C_OP = ("grouped", 1e15) if path == "spans" else (path, old)
+    try:
+        with lora_batched.force(forced), torch.no_grad():
+            ctx = AdapterContext(None, row_segments(rows), BASE_SLOT, "auto")
+            host = HostIndices()
+            for layer in layers:
+                layer.prepare(ctx, host)
+            assert host.lists and len(ctx._memo) == 1
+            (plans,) = ctx._memo.values()
+            t = to_device([rows, *host.lists], torch.device("cpu"))
+            host.bind(t[1:])
+            ctx.slots = t[0]
+            indices = [s.idx for p in plans for s in p.spans if s.idx is not None]
+            indices += [p.sgmv for p in plans if p.sgmv is not None]
+            buffer = t[0].untyped_storage().data_ptr()
+            assert indices and all(i.untyped_storage().data_ptr() == buffer for i in indices)
+            holder.set(ctx)
+            outs = [layer(x)[0] for layer in layers]
+    finally:
+        lora_batched.C_OP = old
+        holder.set(None)
+    assert len(ctx._memo) == 1 and next(iter(ctx._memo.values())) is plans  # the layers ran the prepared plan
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
 # --- the whole model against PEFT, every path --------------------------------------------------

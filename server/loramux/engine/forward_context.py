@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 BASE_SLOT = -1
 
 
-
 @dataclass(frozen=True)
 class Segment:
     start: int  # first token row
@@ -38,8 +37,9 @@ class Segment:
 
 @dataclass
 class AdapterContext:
-    # slots: [tokens] int64 on the model's device, each row's device slot (BASE_SLOT = base model)
-    slots: torch.Tensor
+    # slots: [tokens] int64 on the model's device, each row's device slot (BASE_SLOT = base model);
+    # None until the runner's one copy of the forward's indices has run (engine/runner.py)
+    slots: torch.Tensor | None
     # contiguous runs of rows with the same slot, in row order, covering every row
     segments: list[Segment]
     # slot whose merged weights replace W0 for this forward (BASE_SLOT = none)
@@ -60,8 +60,8 @@ class AdapterContext:
     def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """`build()` once per forward per key; later calls (other layers) get the same value.
 
-        Batched LoRA keeps its gather indices here (lora_batched.py): computed once, on the device,
-        instead of once per wrapped layer.
+        Batched LoRA keeps its plans here (lora_batched.py): built once per forward, their index
+        tensors copied with the runner's one copy, instead of once per wrapped layer.
         """
         if key not in self._memo:
             self._memo[key] = build()
@@ -84,7 +84,7 @@ class AdapterContext:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.slots.shape[0])
+        return self.segments[-1].end if self.segments else 0
 
     @staticmethod
     def from_row_slots(
@@ -93,20 +93,38 @@ class AdapterContext:
         merged_slot: int = BASE_SLOT,
         lora_path: str = "auto",
         attention: AttentionMeta | None = None,
-        slots_tensor: torch.Tensor | None = None,
     ) -> AdapterContext:
-        """Build the context from each token row's slot (rows already grouped by slot).
+        """Build the context from each token row's slot (rows already grouped by slot), with its own
+        copy of the slots to the device (the runner instead copies all of a forward's indices at once)."""
+        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        return AdapterContext(slots, row_segments(row_slots), merged_slot, lora_path, attention)
 
-        slots_tensor: `row_slots` already on the device (the runner copies all of a forward's
-        indices at once); made here when not given."""
-        segments: list[Segment] = []
-        start = 0
-        for i in range(1, len(row_slots) + 1):
-            if i == len(row_slots) or row_slots[i] != row_slots[start]:
-                segments.append(Segment(start, i, row_slots[start]))
-                start = i
-        slots = slots_tensor if slots_tensor is not None else torch.tensor(row_slots, dtype=torch.long, device=device)
-        return AdapterContext(slots, segments, merged_slot, lora_path, attention)
+
+def row_segments(row_slots: list[int]) -> list[Segment]:
+    """The contiguous runs of equal slots in `row_slots`, in row order."""
+    segments: list[Segment] = []
+    start = 0
+    for i in range(1, len(row_slots) + 1):
+        if i == len(row_slots) or row_slots[i] != row_slots[start]:
+            segments.append(Segment(start, i, row_slots[start]))
+            start = i
+    return segments
+
+
+def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Int lists as int64 tensors on `device`, through one host buffer and one copy.
+
+    On CUDA the buffer is pinned and the copy asynchronous (non_blocking): the host goes on
+    building the step while it runs, and no layer waits for it but on the device's own stream.
+    """
+    flat = [v for part in parts for v in part]
+    host = torch.tensor(flat, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        out = host.to(device, non_blocking=True)
+    else:
+        out = host
+    return list(out.split([len(part) for part in parts]))
 
 
 class ContextHolder:

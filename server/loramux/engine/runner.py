@@ -9,7 +9,7 @@ import torch
 
 from loramux.engine import attention
 from loramux.engine.attention import AttentionMeta, PrefillSeq
-from loramux.engine.forward_context import AdapterContext
+from loramux.engine.forward_context import AdapterContext, row_segments, to_device
 from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.paged_attention import kernel_for
 from loramux.engine.request import Request
@@ -125,11 +125,14 @@ class Runner:
         nb = max((len(t) for t in dec_tables), default=0)
         padded = [b for t in dec_tables for b in t + [0] * (nb - len(t))]  # padding is masked out
         chunk_tables = [b for c in chunks for b in c[3]]
-        # Every index tensor of this forward in one host buffer and one copy to the device.
-        t = to_device(
-            [ids, pos, slots, row_slots, last_token, dec_tokens, padded, dec_lens, chunk_tables, prefix_slots], dev
-        )
-        t_ids, t_pos, t_slots, t_row_slots, t_last, t_dec_tokens, t_tables, t_lens, t_chunks, t_prefix = t
+        # The adapter context first: batched LoRA plans its gather / segment indices from it (once per
+        # stack layout), so that every index tensor of this forward is in one host buffer and one copy.
+        ctx = AdapterContext(None, row_segments(row_slots), batch.merged_slot, self.lora_path)
+        lora = self.wrapped.prepare_lora(ctx)
+        parts = [ids, pos, slots, row_slots, last_token, dec_tokens, padded, dec_lens, chunk_tables, prefix_slots]
+        t = to_device([*parts, *lora.lists], dev)
+        t_ids, t_pos, t_slots, t_row_slots, t_last, t_dec_tokens, t_tables, t_lens, t_chunks, t_prefix = t[: len(parts)]
+        lora.bind(t[len(parts) :])
         tabs = t_chunks.split([len(c[3]) for c in chunks]) if chunks else []
         prefills = [PrefillSeq(start, n, context, tab) for (start, n, context, _), tab in zip(chunks, tabs)]
         if prefixes:
@@ -143,9 +146,7 @@ class Runner:
             dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
         )
-        ctx = AdapterContext.from_row_slots(
-            row_slots, dev, batch.merged_slot, self.lora_path, attention=meta, slots_tensor=t_row_slots
-        )
+        ctx.slots, ctx.attention = t_row_slots, meta
         self.wrapped.holder.set(ctx)
         input_ids = t_ids[None, :]  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
@@ -232,18 +233,3 @@ class Runner:
                 k_cache.view(-1, *k_cache.shape[2:])[where] = kv[0, :, c:].transpose(0, 1)
                 v_cache.view(-1, *v_cache.shape[2:])[where] = kv[1, :, c:].transpose(0, 1)
 
-
-def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """Int lists as int64 tensors on `device`, through one host buffer and one copy.
-
-    On CUDA the buffer is pinned and the copy asynchronous (non_blocking): the host goes on
-    building the step while it runs, and no layer waits for it but on the device's own stream.
-    """
-    flat = [v for part in parts for v in part]
-    host = torch.tensor(flat, dtype=torch.long)
-    if device.type == "cuda":
-        host = host.pin_memory()
-        out = host.to(device, non_blocking=True)
-    else:
-        out = host
-    return list(out.split([len(part) for part in parts]))

@@ -15,9 +15,10 @@ engine's own thread never sees another thread's override):
   a[i:i+k] [k, in, ρ] and b[i:i+k] [k, ρ, out]. No weight is ever copied per step
   (the previous path gathered each segment's A and B with `index_select` in every
   layer, every step). The span's rows are x viewed as [k, m, in] when its segments
-  are adjacent and all m rows long, else gathered and zero-padded to the longest
-  (activations, not weights), and scattered back with `index_add_`. A stack index
-  inside a span with no rows in this forward is a block of padding.
+  are adjacent and all m rows long, else gathered and padded to the longest
+  (activations, not weights; pads are dropped before the scatter), and scattered back
+  with `index_add_`. A stack index inside a span with no rows in this forward is a
+  block of padding.
 - "triton" (CUDA): Punica-style SGMV kernels (lora_triton.py): per bucket, one shrink
   and one expand launch for all its segments, each program reading its segment's A and B
   in place through the segment's stack index. Any lengths, no padding, no gather.
@@ -35,6 +36,9 @@ found by dynamic programming, after the segments longer than LONG × the bucket'
 scattered) were measured on this 2-core CPU (scripts/bench_lora_kernels.py --calibrate;
 README, "How adapter arithmetic is batched"): a poor value costs speed, never accuracy.
 Every path computes the same sums, exact to float rounding.
+
+A forward's plans are built once per stack layout (`prepare`, lora_plan.py), not per layer, and
+their index tensors ride in the runner's one host-to-device copy of the forward's indices.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 
 from loramux.adapters.kinds.lora import SlotDelta, segment_lora
+from loramux.adapters.kinds.lora_plan import BucketPlan, HostIndices, Span, make_span, sgmv_rows
 from loramux.adapters.kinds.lora_stacks import Bucket, LoraStacks
 from loramux.engine.forward_context import LORA_PATHS, AdapterContext, Segment
 
@@ -55,7 +59,7 @@ PATHS = LORA_PATHS
 _FORCED: ContextVar[str | None] = ContextVar("loramux_lora_path", default=None)
 C_OP = 2e5  # one op's fixed cost, in MACs (CPU, 2 threads; see the module docstring)
 C_COPY = 4.0  # one element gathered or scattered, in MACs
-GATHER_OPS = 5  # gather x, bmm, mask, bmm, scatter
+GATHER_OPS = 5  # gather x, bmm, bmm, drop pads, scatter
 LONG = 4  # a segment longer than LONG × the median of its bucket's runs alone
 
 
@@ -86,30 +90,6 @@ def resolve(requested: str, device: torch.device) -> str:
         if lora_triton.available():
             return "triton"
     return "grouped"
-
-
-@dataclass
-class Span:
-    """k consecutive stack indices [lo, lo + k) of one bucket, run as one bmm pair."""
-
-    lo: int
-    k: int
-    m: int  # rows per index (the longest segment's)
-    segments: list[Segment]
-    view: tuple[int, int] | None = None  # rows [start, end) as [k, m, ·]: no gather, no scatter
-    idx: torch.Tensor | None = None  # [k·m] source row of each entry (pads read the first row)
-    pad: torch.Tensor | None = None  # [k, m, 1] True at pad entries (None: none)
-    valid: torch.Tensor | None = None  # [n_real] entries that are real rows (None: all)
-    rows: torch.Tensor | None = None  # [n_real] the row each real entry adds into
-
-
-@dataclass
-class BucketPlan:
-    rank: int
-    spans: list[Span]
-    singles: list[tuple[Segment, int]]  # (segment, stack index): two matmuls on views
-    sgmv: torch.Tensor | None = None  # triton: [nseg, 3] int32 (start, length, stack index)
-    maxlen: int = 0
 
 
 def group(segs: list[tuple[Segment, int]], rank: int, true_rank: dict[int, int], io: int) -> list[list]:
@@ -151,14 +131,22 @@ def group(segs: list[tuple[Segment, int]], rank: int, true_rank: dict[int, int],
 def plan_bucket(
     bk: Bucket, segments: Sequence[Segment], stacks: LoraStacks, path: str, device: torch.device
 ) -> BucketPlan:
+    """One bucket's plan for `segments`, its indices copied to `device` on their own (tests; forwards
+    take `prepare`'s plans, whose indices ride in the runner's one copy)."""
+    host = HostIndices()
+    plan = _plan_bucket(bk, segments, stacks, path, host)
+    host.copy(device)
+    return plan
+
+
+def _plan_bucket(
+    bk: Bucket, segments: Sequence[Segment], stacks: LoraStacks, path: str, host: HostIndices
+) -> BucketPlan:
     pos = {slot: i for i, slot in enumerate(bk.order)}
     segs = sorted(((s, pos[s.slot]) for s in segments if s.slot in pos), key=lambda t: t[1])
-    plan = BucketPlan(bk.rank, [], [])
+    plan = BucketPlan(bk.rank)
     if path == "triton":
-        if segs:
-            rows = [[s.start, s.end - s.start, i] for s, i in segs]
-            plan.sgmv = torch.tensor(rows, dtype=torch.int32, device=device)
-            plan.maxlen = max(r[1] for r in rows)
+        sgmv_rows(segs, plan, host)
         return plan
     if segs:
         # long segments (prefills among decode rows) run alone: in a span they would pad every other
@@ -171,35 +159,25 @@ def plan_bucket(
         if len(g) == 1:
             plan.singles.append(g[0])
         else:
-            plan.spans.append(_make_span(g, device))
+            plan.spans.append(make_span(g, host))
     return plan
 
 
-def _make_span(g: list[tuple[Segment, int]], device: torch.device) -> Span:
-    lo, hi = g[0][1], g[-1][1] + 1
-    k = hi - lo
-    lens = [s.end - s.start for s, _ in g]
-    m = max(lens)
-    span = Span(lo, k, m, [s for s, _ in g])
-    if k == len(g) and min(lens) == m and all(a.end == b.start for (a, _), (b, _) in zip(g, g[1:])):
-        span.view = (g[0][0].start, g[-1][0].end)
-        return span
-    src = torch.full((k, m), g[0][0].start, dtype=torch.long)
-    real = torch.zeros(k, m, dtype=torch.bool)
-    for s, i in g:
-        n = s.end - s.start
-        src[i - lo, :n] = torch.arange(s.start, s.end)
-        real[i - lo, :n] = True
-    flat_real = real.reshape(-1)
-    span.idx = src.reshape(-1).to(device)
-    if not bool(flat_real.all()):
-        valid = flat_real.nonzero().squeeze(1)
-        span.pad = (~real)[:, :, None].to(device)
-        span.valid = valid.to(device)
-        span.rows = src.reshape(-1)[valid].to(device)
-    else:
-        span.rows = span.idx
-    return span
+def prepare(ctx: AdapterContext, stacks: LoraStacks, which: str, device: torch.device, host: HostIndices) -> None:
+    """Plan `stacks`' buckets for ctx's `which` segments, once per forward per layout (the memo); the
+    plans' index lists go into `host`, which the runner copies with the forward's other indices."""
+    path = resolve(ctx.lora_path, device)
+    if path != "segment" and stacks.buckets:
+        ctx.memo(_plan_key(which, stacks, path), lambda: _plans(ctx, stacks, which, path, host))
+
+
+def _plan_key(which: str, stacks: LoraStacks, path: str) -> tuple:
+    return ("lora_plan", which, stacks.layout, path, C_OP, C_COPY)
+
+
+def _plans(ctx: AdapterContext, stacks: LoraStacks, which: str, path: str, host: HostIndices) -> list[BucketPlan]:
+    segments = ctx.adapter_segments if which == "all" else ctx.other_adapter_segments
+    return [_plan_bucket(bk, segments, stacks, path, host) for _, bk in sorted(stacks.buckets.items())]
 
 
 def run_span(y: torch.Tensor, x: torch.Tensor, bk: Bucket, span: Span, shifted: bool) -> None:
@@ -216,19 +194,14 @@ def run_span(y: torch.Tensor, x: torch.Tensor, bk: Bucket, span: Span, shifted: 
             yv += shift
         torch.baddbmm(yv, torch.bmm(xp, a), b, out=yv)
         return
-    if span.idx is None or span.rows is None:
+    if span.idx is None:
         raise ValueError("a gathered span needs its gather indices")
     xp = x.index_select(0, span.idx).view(k, m, -1)  # [k, m, in]: activations, never weights
     xa = torch.bmm(xp, a)  # [k, m, ρ]
-    if shift is None:
-        if span.pad is not None:
-            xa.masked_fill_(span.pad, 0)  # pads then add 0 to the row they read
-        y.index_add_(0, span.idx, torch.bmm(xa, b).view(k * m, -1))
-        return
-    flat = torch.baddbmm(shift, xa, b).view(k * m, -1)  # [k·m, out]
+    flat = (torch.bmm(xa, b) if shift is None else torch.baddbmm(shift, xa, b)).view(k * m, -1)  # [k·m, out]
     if span.valid is not None:
-        flat = flat.index_select(0, span.valid)  # [n_real, out]
-    y.index_add_(0, span.rows, flat)
+        flat = flat.index_select(0, span.valid)  # [n_real, out]: pads dropped
+    y.index_add_(0, span.rows if span.rows is not None else span.idx, flat)
 
 
 def apply_segments(
@@ -249,10 +222,14 @@ def apply_segments(
     if path == "segment" or not stacks.buckets:
         segment_lora(y, x, segments, deltas)
         return
-    plans = ctx.memo(
-        ("lora_plan", which, stacks.layout, path, C_OP, C_COPY),
-        lambda: [plan_bucket(bk, segments, stacks, path, y.device) for _, bk in sorted(stacks.buckets.items())],
-    )
+
+    def unprepared() -> list[BucketPlan]:  # a forward the runner did not prepare: its own copy
+        host = HostIndices()
+        plans = _plans(ctx, stacks, which, path, host)
+        host.copy(y.device)
+        return plans
+
+    plans = ctx.memo(_plan_key(which, stacks, path), unprepared)
     plain = stacks.plain
     segment_lora(y, x, [s for s in segments if s.slot not in plain], deltas)
     shifted = bool(stacks.shifted)

@@ -16,6 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from loramux.adapters.kinds.lora import MergedWeight, SlotDelta, segment_unmerge
 from loramux.adapters.kinds.lora_batched import apply_segments
+from loramux.adapters.kinds.lora_batched import prepare as prepare_lora
+from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.kinds.lora_stacks import LoraStacks
 from loramux.adapters.kinds.peft_adapter import ModuleWeights
 from loramux.adapters.model.decoder_layers import find_decoder_layers
@@ -69,12 +71,9 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (the runner's [1, tokens, in]); y: [..., out], base bias included
         ctx = self.holder.get()
-        if ctx is not None and ctx.merged_slot != BASE_SLOT:
-            merged = self.merged.get(ctx.merged_slot)
-            # Other rows can undo only a plain LoRA merge; otherwise (DoRA / IA3 here) this layer
-            # computes base + per-row delta, which is exact for every slot, merged or not.
-            if merged is not None and (not ctx.other_spans or self._subtractable(ctx.merged_slot)):
-                return self._forward_merged(x, ctx, merged)
+        merged = self._merged_for(ctx)
+        if merged is not None:
+            return self._forward_merged(x, ctx, merged)
         y = self.base_layer(x)
         if ctx is None or not ctx.adapter_segments:
             return y
@@ -84,6 +83,27 @@ class MultiAdapterLinear(nn.Module):
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
         apply_segments(y2, x2, ctx, ctx.adapter_segments, self.deltas, self.stacked, "all")
         return y
+
+    def prepare(self, ctx: AdapterContext, host: HostIndices) -> None:
+        """Before the forward: plan the batched LoRA this layer's forward will run (the runner puts
+        the plans' indices into its one copy); layers of one stack layout share one plan."""
+        if self._merged_for(ctx) is not None:
+            which = "others" if ctx.other_spans else None
+        else:
+            which = "all" if ctx.adapter_segments else None
+        if which is not None:
+            prepare_lora(ctx, self.stacked, which, self.base_layer.weight.device, host)
+
+    def _merged_for(self, ctx: AdapterContext | None) -> MergedWeight | None:
+        """The merged weight this forward replaces W0 with, if any."""
+        if ctx is None or ctx.merged_slot == BASE_SLOT:
+            return None
+        merged = self.merged.get(ctx.merged_slot)
+        # Other rows can undo only a plain LoRA merge; otherwise (DoRA / IA3 here) this layer
+        # computes base + per-row delta, which is exact for every slot, merged or not.
+        if merged is not None and (not ctx.other_spans or self._subtractable(ctx.merged_slot)):
+            return merged
+        return None
 
     def _forward_merged(self, x: torch.Tensor, ctx: AdapterContext, merged: MergedWeight) -> torch.Tensor:
         # W0 is replaced by the merged weight for every row: the merged slot's rows need no adapter

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.model.blocks import wrap_blocks
 from loramux.adapters.model.linear import wrap_linears
-from loramux.engine.forward_context import ContextHolder
+from loramux.engine.forward_context import AdapterContext, ContextHolder
 
 if TYPE_CHECKING:
     from loramux.adapters.kinds.soft_prompt import SoftPrompt
@@ -36,6 +37,15 @@ class WrappedModel:
         self.blocks = wrap_blocks(model, self.holder, num_slots)
         # device slot -> its soft prompt (virtual tokens or KV prefix), which the runner places per request
         self.soft_prompts: dict[int, SoftPrompt] = {}
+
+    def prepare_lora(self, ctx: AdapterContext) -> HostIndices:
+        """Plan this forward's batched LoRA for every wrapped layer (once per stack layout); the
+        plans' index lists, which the runner copies to the device with the forward's own."""
+        host = HostIndices()
+        if ctx.adapter_segments:
+            for layer in self.linears.values():
+                layer.prepare(ctx, host)
+        return host
 
     def lora_stack_nbytes(self) -> int:
         """Bytes the wrapped layers' plain-LoRA stacks hold on the device, unused capacity included."""
