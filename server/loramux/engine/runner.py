@@ -232,4 +232,3 @@ class Runner:
                     raise RuntimeError(f"layer {layer}: prefix {tuple(kv.shape)} does not fit the KV cache")
                 k_cache.view(-1, *k_cache.shape[2:])[where] = kv[0, :, c:].transpose(0, 1)
                 v_cache.view(-1, *v_cache.shape[2:])[where] = kv[1, :, c:].transpose(0, 1)
-
