@@ -124,8 +124,10 @@ def calibrate(rounds: int) -> None:
     mac = statistics.median(samples["mac"]) / (256 * 512 * 512)
     op = statistics.median(samples["op"])
     copy = statistics.median(samples["copy"]) / (2048 * 512)
-    print(f"threads {torch.get_num_threads()}: {1 / mac / 1e9:.1f} GMAC/s; one small op {op * 1e6:.1f} us "
-          f"= C_OP {op / mac:.3g} MACs; one gathered element {copy * 1e9:.2f} ns = C_COPY {copy / mac:.3g} MACs")
+    print(
+        f"threads {torch.get_num_threads()}: {1 / mac / 1e9:.1f} GMAC/s; one small op {op * 1e6:.1f} us "
+        f"= C_OP {op / mac:.3g} MACs; one gathered element {copy * 1e9:.2f} ns = C_COPY {copy / mac:.3g} MACs"
+    )
 
 
 def main() -> None:
