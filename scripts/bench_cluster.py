@@ -25,26 +25,12 @@ from ray import serve
 
 from loramux.bench.client import run_requests
 from loramux.bench.http_client import run_http_requests
+from loramux.bench.prom import scrape, total
 from loramux.bench.synthetic import AdapterSpec, ModelShape, write_adapter, write_synthetic_model
 from loramux.bench.workload import WorkloadSpec, make_requests
 from loramux.cluster.app import build
 from loramux.cluster.config import ClusterConfig
 from loramux.config import EngineConfig, ServerConfig
-
-
-def scrape(address: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as r:
-        return r.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def main() -> None:
@@ -97,10 +83,10 @@ def main() -> None:
     loads = {}
     for n, f in fronts.items():
         loads[n] = {
-            str(m["rank"]): sample(scrape(m["metrics"]), "loramux_adapter_load_seconds_count", tier="store")
+            str(m["rank"]): total(scrape(m["metrics"]), "loramux_adapter_load_seconds_count", tier="store")
             for m in f.replicas.remote().result()
         }
-    spilled = {n: sample(scrape(addresses[n]["metrics"]), "loramux_cluster_spilled_total") for n in fronts}
+    spilled = {n: total(scrape(addresses[n]["metrics"]), "loramux_cluster_spilled_total") for n in fronts}
     print(json.dumps({
         "api": a.api,
         "workload": {"preset": a.preset, "adapters": a.adapters, "rank": a.rank, "requests": a.requests,

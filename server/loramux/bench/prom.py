@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +17,18 @@ def samples(text: str | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
     return out
+
+
+def scrape(address: str, timeout: float = 30) -> str:
+    """The Prometheus text that `HOST:PORT` serves at /metrics."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def total(text: str | None, name: str, **labels: str) -> float:
+    """The sum of sample `name`'s values whose labels include `labels` (0 when there is none)."""
+    want = labels.items()
+    return sum(v for (n, ls), v in samples(text).items() if n == name and want <= dict(ls).items())
 
 
 def counter_delta(before: str | None, after: str | None, name: str) -> float | None:
