@@ -132,6 +132,37 @@ def test_seeded_sampling_and_logprobs_survive_preemption(tight, tiny_llama_dir):
         assert list(g.logprobs) == pytest.approx(list(w.logprobs), abs=1e-4)
 
 
+def test_what_a_blocks_last_owner_left_never_reaches_its_next_owner(tight, reference_llama, adapters):
+    """Every block's K/V overwritten with NaN by a 'last owner', then handed out again: outputs equal the oracle.
+
+    Attention does not mask the gathered copy (paged_attention.py): the slots past a row's
+    length and its table's padding are masked in the scores only, which is exact as long as
+    they hold finite values; the pool zeroes a block handed out again before the next forward.
+    """
+    _, made = adapters
+    pool = tight.engine.pool
+
+    def poison() -> None:
+        pool.clear_cache()
+        blocks = [pool.allocate() for _ in range(pool.num_free)]  # every block, as one last owner
+        with torch.inference_mode():
+            for t in (*pool.keys.values(), *pool.values.values()):
+                t[blocks] = float("nan")
+        pool.release(blocks)
+
+    wait_until(lambda: tight.engine.idle, "idle")
+    tight.engine.call(poison).result(timeout=60)
+    rng = random.Random(9)
+    cases = [([rng.randrange(3, 259) for _ in range(rng.randint(3, 30))], rng.randint(5, 30), ("", "a", "b")[i % 3])
+             for i in range(6)]  # fmt: skip
+    held = Hold(tight.engine)
+    futures = [tight.gen.Generate.future(greedy(ids, n, a), timeout=300) for ids, n, a in cases]
+    wait_until(lambda: tight.engine.num_waiting == len(cases), "all requests queued")
+    held.release()
+    for (ids, n, a), f in zip(cases, futures):
+        assert list(f.result().token_ids) == reference_greedy(made[a].model if a else reference_llama, ids, n)
+
+
 def test_a_repeated_prefix_is_served_from_the_cache(tight, reference_llama):
     shared = list(range(40, 80))  # 40 tokens: 10 full blocks
     first = tight.gen.Generate(greedy(shared + [5, 6, 7], 8))

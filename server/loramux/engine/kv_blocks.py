@@ -13,6 +13,12 @@ A block is in one of three states:
 - free: `refs == 0`, no hash.
 `num_free` counts free + cached, since a cached block is evicted the moment it is needed.
 Buffers are allocated at the first forward from the shapes attention actually produces.
+
+Every slot of every buffer holds a finite value: the buffers start zeroed, and a block
+handed out again is zeroed before the next forward writes into it (`take_dirty`, which
+the runner flushes with its one index copy). Attention then needs no masking of the
+gathered K/V: a masked slot's probability is exactly 0, and 0 · (a finite value) = 0,
+where the stale NaN of a request whose forward overflowed would have poisoned the row.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class BlockPool:
         self.by_hash: dict[bytes, int] = {}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 first
         self._cached: OrderedDict[int, None] = OrderedDict()  # refs == 0 and hashed, oldest first
+        self._used = [False] * num_blocks  # handed out at least once since the buffers were zeroed
+        self._dirty: list[int] = []  # handed out again, not yet zeroed
 
     # --- counts ---
     @property
@@ -67,7 +75,20 @@ class BlockPool:
         else:
             raise RuntimeError("the KV block pool is exhausted")
         self.refs[block] = 1
+        if self._used[block]:
+            self._dirty.append(block)
+        self._used[block] = True
         return block
+
+    def take_dirty(self) -> list[int]:
+        """Blocks handed out again since the last call: the runner zeroes them (`zero`) before its forward."""
+        dirty, self._dirty = self._dirty, []
+        return dirty
+
+    def zero(self, blocks: torch.Tensor) -> None:
+        """Zero `blocks` [n] (int64, on the buffers' device) in every layer's keys and values."""
+        for t in (*self.keys.values(), *self.values.values()):
+            t.index_fill_(0, blocks, 0)
 
     def release(self, blocks: list[int]) -> None:
         """Drop a request's hold on its blocks, last block first.

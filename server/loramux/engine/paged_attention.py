@@ -27,8 +27,8 @@ from loramux.engine.attention_math import attend, visible
 def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """cache: [N, bs, kv_heads, d]; tables: [B, nb] -> [B, kv_heads, nb * bs, d]."""
     b, nb = tables.shape
-    blocks = cache[tables]  # [B, nb, bs, kv_heads, d]
-    return blocks.reshape(b, nb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+    blocks = cache.index_select(0, tables.reshape(-1))  # [B * nb, bs, kv_heads, d]: one copy
+    return blocks.view(b, nb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
 class TorchPagedAttention:
@@ -51,14 +51,11 @@ class TorchPagedAttention:
 
         Returns [B, heads, 1, d].
         """
+        # Slots past a row's length (the rest of its last block, the padding of its table) are
+        # masked; they hold finite values (kv_blocks.py zeroes a block handed out again), so a
+        # masked slot adds exactly 0 · v = 0 and the gathered copy needs no masking of its own.
         k = gather_blocks(k_cache, tables)  # [B, kv_heads, L, d], copies
         v = gather_blocks(v_cache, tables)
-        # Slots past a row's length (the rest of its last block, the padding) hold whatever their
-        # last owner left: a request whose forward overflowed leaves NaN, and a masked NaN still
-        # poisons the row (its score is NaN, and 0 · NaN = NaN in probs · V). Zero what is masked.
-        hidden = ~mask.reshape(mask.shape[0], 1, -1, 1)  # [B, 1, L, 1]
-        k.masked_fill_(hidden, 0)
-        v.masked_fill_(hidden, 0)
         return attend(q, k, v, mask, scale, softcap, sinks)
 
     def prefill(

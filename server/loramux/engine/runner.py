@@ -129,10 +129,13 @@ class Runner:
         # stack layout), so that every index tensor of this forward is in one host buffer and one copy.
         ctx = AdapterContext(None, row_segments(row_slots), batch.merged_slot, self.lora_path)
         lora = self.wrapped.prepare_lora(ctx)
+        dirty = self.pool.take_dirty()  # blocks handed out again: zeroed before this forward writes
         parts = [ids, pos, slots, row_slots, last_token, dec_tokens, padded, dec_lens, chunk_tables, prefix_slots]
-        t = to_device([*parts, *lora.lists], dev)
+        t = to_device([*parts, dirty, *lora.lists], dev)
         t_ids, t_pos, t_slots, t_row_slots, t_last, t_dec_tokens, t_tables, t_lens, t_chunks, t_prefix = t[: len(parts)]
-        lora.bind(t[len(parts) :])
+        lora.bind(t[len(parts) + 1 :])
+        if dirty:
+            self.pool.zero(t[len(parts)])
         tabs = t_chunks.split([len(c[3]) for c in chunks]) if chunks else []
         prefills = [PrefillSeq(start, n, context, tab) for (start, n, context, _), tab in zip(chunks, tabs)]
         if prefixes:
