@@ -3,7 +3,8 @@
 Builds the bench's synthetic model (`--preset cpu`: Llama, hidden 512, 4 layers, byte
 vocabulary) in a temporary directory, runs an `Engine` in this process (no server), puts
 N requests into the decode phase and times `engine.step()` over many steps, with the
-model's own forward timed by a forward hook. Prints, per row count and sampling mode, the
+model's own forward timed by a forward hook (and around the compiled forward, `--compile`).
+Prints, per row count and sampling mode, the
 milliseconds per step, of them in the forward, and the share outside it. All modes of a
 row count take turns step by step, so drift on a shared machine hits them alike:
 
@@ -36,13 +37,24 @@ MODES = {
 
 
 class ForwardClock:
-    """Seconds spent inside the model's forward (a hook pair on the top module)."""
+    """Seconds spent inside the model's forward (a hook pair on the top module, and around the compiled forward)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, compiled: object | None = None) -> None:
         self.total = 0.0
         self._t0 = 0.0
         model.register_forward_pre_hook(lambda *_: self._start())
         model.register_forward_hook(lambda *_: self._stop())
+        if compiled is not None:  # the compiled forward is called directly, without the module's hooks
+            fn = compiled.fn
+
+            def timed(**kwargs: object) -> object:
+                self._start()
+                try:
+                    return fn(**kwargs)
+                finally:
+                    self._stop()
+
+            compiled.fn = timed
 
     def _start(self) -> None:
         self._t0 = time.perf_counter()
@@ -51,9 +63,11 @@ class ForwardClock:
         self.total += time.perf_counter() - self._t0
 
 
-def decoding_engine(model_dir: Path, rows: int, params: SamplingParams, steps: int) -> Engine:
+def decoding_engine(model_dir: Path, rows: int, params: SamplingParams, steps: int, compile: bool = False) -> Engine:
     base = load_base_model(str(model_dir), device="cpu", dtype="float32")
-    engine = Engine(base, WrappedModel(base.model, num_slots=1), EngineConfig(max_running=rows, max_model_len=512))
+    config = EngineConfig(max_running=rows, max_model_len=512, compile=compile)
+    engine = Engine(base, WrappedModel(base.model, num_slots=1), config)
+    engine.compile()  # the decode graphs (a no-op without compile)
     for i in range(rows):
         p = SamplingParams(**{**params.__dict__, "max_new_tokens": steps + 8, "ignore_eos": True})
         r = Request(f"r{i}", [3 + (i * 7 + j) % 250 for j in range(16 + i % 17)], p)
@@ -73,20 +87,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,64")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--compile", action="store_true", help="also a greedy engine with the compiled decode step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_synthetic_model("cpu", Path(tmp) / "model")
         for rows in [int(x) for x in a.rows.split(",")]:
             engines = {m: decoding_engine(model_dir, rows, sp, a.steps) for m, sp in MODES.items()}
-            clocks = {m: ForwardClock(e.runner.model) for m, e in engines.items()}
-            wall = dict.fromkeys(MODES, 0.0)
+            if a.compile:
+                engines["compiled"] = decoding_engine(model_dir, rows, MODES["greedy"], a.steps, compile=True)
+            clocks = {m: ForwardClock(e.runner.model, e.runner.compiled) for m, e in engines.items()}
+            wall = dict.fromkeys(engines, 0.0)
             for _ in range(a.steps):
                 for m, e in engines.items():
                     t0 = time.perf_counter()
                     e.step()
                     wall[m] += time.perf_counter() - t0
-            for m in MODES:
+            for m in engines:
                 step_ms, fwd_ms = 1e3 * wall[m] / a.steps, 1e3 * clocks[m].total / a.steps
                 print(
                     f"rows={rows:3d} {m:9s} step {step_ms:7.2f} ms  forward {fwd_ms:7.2f} ms  "

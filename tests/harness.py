@@ -28,6 +28,7 @@ LORA_PATH = "auto"
 class ServerThread:
     def __init__(self, model: str | Path = "demo", store: Path | None = None, **overrides: object) -> None:
         overrides.setdefault("lora_path", LORA_PATH)
+        overrides.setdefault("compile", False)  # compiling takes longer than most tests run (test_compiled.py compiles)
         engine_fields = set(EngineConfig.__dataclass_fields__)
         engine = EngineConfig(**{k: v for k, v in overrides.items() if k in engine_fields})
         rest = {k: v for k, v in overrides.items() if k not in engine_fields}
@@ -144,7 +145,7 @@ class ServeProcess:
     """`python -m loramux.cli serve` with JSON logs; stdout and stderr go to files
     (a full pipe would block the server)."""
 
-    def __init__(self, model: Path, tmp: Path, *extra: str) -> None:
+    def __init__(self, model: Path, tmp: Path, *extra: str, compile: bool = False) -> None:
         self.out, self.err = tmp / "stdout", tmp / "stderr"
         env = {**os.environ, "PYTHONPATH": str(REPO / "server")}
         cmd = [
@@ -168,6 +169,7 @@ class ServeProcess:
             "json",
             "--lora-path",
             LORA_PATH,
+            *([] if compile else ["--no-compile"]),
             *extra,
         ]
         with self.out.open("w") as out, self.err.open("w") as err:

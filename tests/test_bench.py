@@ -12,6 +12,7 @@ from loramux.bench.workload import WorkloadSpec, make_requests, popularity_weigh
 from loramux.cli import main
 
 TINY = [
+    "--no-compile",  # every server eager: compiling takes longer than these tiny suites run
     "--preset",
     "tiny",
     "--spawn",

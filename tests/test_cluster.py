@@ -66,7 +66,8 @@ def cluster(store, chat_llama_dir, tmp_path_factory):
     (secrets / "key").write_text(API_KEY + "\n")
     c = ClusterProcess(
         ["--model", str(chat_llama_dir), "--store", str(store), "--device", "cpu", "--replicas", "2", "--threads", "1",
-         "--port", "0", "--metrics-port", "0", "--http-port", "0", "--max-ongoing-requests", str(MAX_ONGOING),
+         "--no-compile", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+         "--max-ongoing-requests", str(MAX_ONGOING),
          "--admin-token-file", str(secrets / "token"), "--api-key-file", str(secrets / "key")]
     )  # fmt: skip
     yield c

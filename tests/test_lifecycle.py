@@ -24,7 +24,7 @@ from ops_helpers import MAX_LABELS, NOT_SERVING, SERVING, greedy, health, scrape
 import loramux.api.server as server_mod
 from loramux import logs
 from loramux.api.server import LoramuxServer
-from loramux.config import ServerConfig
+from loramux.config import EngineConfig, ServerConfig
 from loramux.logs import setup_logging
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -84,7 +84,8 @@ def test_not_serving_until_loaded_and_warmed(
         return real_load(*args)
 
     monkeypatch.setattr(server_mod, "load_base_model", gated_load)
-    srv = LoramuxServer(ServerConfig(model=str(tiny_llama_dir), store=tmp_path, port=0, metrics_port=0, device="cpu"))
+    srv = LoramuxServer(ServerConfig(model=str(tiny_llama_dir), store=tmp_path, port=0, metrics_port=0, device="cpu",
+                                     engine=EngineConfig(compile=False)))  # fmt: skip
     loop = asyncio.new_event_loop()
 
     async def run() -> None:

@@ -46,6 +46,7 @@ class EngineConfig:
     kv_cache_mb: float = _flag(0.0, "the KV block pool, K and V of every layer (0 = half the free memory, capped)")
     block_size: int = _flag(16, "tokens per KV block")
     prefix_caching: bool = _flag(True, "do not reuse the KV blocks of an identical prefix (on by default)")
+    compile: bool = _flag(True, "do not compile the decode step at start-up (torch.compile); every step runs eager")
     lora_path: str = _flag("auto", "how LoRA deltas are computed (auto: triton on CUDA, else grouped)", LORA_PATHS)
 
     def validate(self) -> None:

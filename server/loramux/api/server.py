@@ -124,6 +124,7 @@ class LoramuxServer:
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
         # A model the engine cannot serve exactly is never served: this raises, and serve exits non-zero.
         await loop.run_in_executor(None, self.engine.self_check)
+        await loop.run_in_executor(None, self.engine.compile)
         self.http_state.attach(self.engine, self.adapters, cfg.allowed_adapter_dir)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)

@@ -67,6 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--device-slots", type=int, default=d.device_slots, help="--max-device-adapters of the servers")
     g.add_argument("--merged-cache-mb", type=float, default=d.merged_cache_mb)
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="start every server with --no-compile (every decode step eager)")  # fmt: skip
     g = p.add_argument_group("what runs")
     g.add_argument("--suites", type=_names, default=d.suites, help=f"comma-separated, of {','.join(SUITES)}")
     g.add_argument("--rounds", type=int, default=d.rounds, help="interleaved timed rounds per suite")

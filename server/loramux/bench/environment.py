@@ -34,6 +34,7 @@ class Environment:
         self.baselines: Baselines | None = None
         self.setup_s: dict[str, float] = {}
         self.extra: list[LoramuxTarget] = []  # servers the KV suites start with their own flags
+        self.eager: LoramuxTarget | None = None  # a --no-compile copy of `server` (suite sampling)
         self._long_model: Path | None = None
 
     @property
@@ -74,8 +75,19 @@ class Environment:
             lora = {a: self.adapter_dirs[a] for a in self.groups["mix"]}
             self.baselines = Baselines(self.model_dir, self.device, self.dtype, peft_adapters=lora)
 
+    def eager_server(self) -> LoramuxTarget | None:
+        """A copy of the main server with --no-compile (its own store copy), started once; None with --server."""
+        if self.opts.server:
+            return None
+        if self.eager is None:
+            store = self.workdir / "store-eager"
+            for adapter_id in self.groups["mix"]:
+                shutil.copytree(self.adapter_dirs[adapter_id], store / adapter_id, dirs_exist_ok=True)
+            self.eager = self._target("loramux-eager", store, None, 0.0, compile=False)
+        return self.eager
+
     def stop(self) -> None:
-        for target in (self.server, self.merged, *self.extra):
+        for target in (self.server, self.merged, self.eager, *self.extra):
             if target is not None:
                 try:
                     target.stop()
@@ -112,7 +124,7 @@ class Environment:
             dtype=self.dtype,
             max_device_adapters=self.opts.device_slots,
             threads=self.opts.threads,
-            engine=engine,
+            engine={"compile": self.opts.compile, **engine},
         )
         target = LoramuxTarget(name, settings, spawn=self.opts.spawn, log_path=self.workdir / f"{name}.log")
         self.extra.append(target)
@@ -165,7 +177,9 @@ class Environment:
             ", ".join(f"{g}: {len(v)}" for g, v in self.groups.items()),
         )
 
-    def _target(self, name: str, store: Path, address: str | None, merged_cache_mb: float) -> LoramuxTarget:
+    def _target(
+        self, name: str, store: Path, address: str | None, merged_cache_mb: float, compile: bool | None = None
+    ) -> LoramuxTarget:
         o = self.opts
         if address:
             target = LoramuxTarget(
@@ -182,6 +196,7 @@ class Environment:
             max_device_adapters=o.device_slots,
             merged_cache_mb=merged_cache_mb,
             threads=o.threads,
+            engine={"compile": o.compile if compile is None else compile},
         )
         target = LoramuxTarget(name, settings, spawn=o.spawn, log_path=self.workdir / f"{name}.log")
         target.start()

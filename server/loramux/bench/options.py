@@ -26,6 +26,7 @@ class BenchOptions:
     # working set (about 40 distinct adapters per run of 64 Zipf(1) requests over 1000) does not.
     device_slots: int = 32
     merged_cache_mb: float = 256.0  # --merged-cache-mb of the merged-cache server
+    compile: bool = True  # the servers compile their decode step (off: --no-compile, every server eager)
     # what runs
     suites: tuple[str, ...] = DEFAULT_SUITES
     rounds: int = 2

@@ -294,7 +294,10 @@ def _sampling(env: Environment) -> Suite:
         _served(env, "mixed-greedy", a, _spec(env, **mix), "mixed adapters, greedy"),
         _served(env, "mixed-sampled", a, _spec(env, **mix, sampling=SAMPLED), f"mixed adapters, {SAMPLED}"),
         _served(env, "mixed-penalties", a, _spec(env, **mix, sampling=PENALTIES), f"mixed adapters, {PENALTIES}"),
-        _served(env, "single-loramux", a, s_base, "one stream, base model"),
+        _served(env, "single-loramux", a, s_base, "one stream, base model"
+                + ("" if o.compile else " (--no-compile)")),
+        *([_served(env, "single-eager", env.eager_server(), s_base, "one stream, base model, --no-compile")]
+          if o.compile and not o.server else []),
         _offline("single-hf", "transformers generate, one request at a time",
                  lambda r: bl.hf_static("single-hf", r, 1), s_base, 1),
     ]  # fmt: skip
@@ -304,6 +307,8 @@ def _sampling(env: Environment) -> Suite:
               issues=(16,)),
         Ratio("per-token latency: loramux / transformers generate, one stream", "single-loramux", "single-hf",
               metric="itl_p50", goal=0.12, higher_is_better=False, issues=(16,)),
+        *([Ratio("per-token latency: compiled / eager decode step, one stream", "single-loramux", "single-eager",
+                 metric="itl_p50", higher_is_better=False, issues=(16,))] if o.compile and not o.server else []),
     ]  # fmt: skip
     title = f"{o.requests} requests over {len(env.groups['mix'])} adapters, greedy / sampled / penalties; one stream"
     return Suite("sampling", title, configs, ratios)

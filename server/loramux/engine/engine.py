@@ -55,7 +55,7 @@ class Engine:
         )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.block_size)
         self.batch_tokens = config.max_batch_tokens or default_batch_tokens(base.device.type)
-        self.runner = Runner(wrapped, self.pool, config.lora_path)
+        self.runner = Runner(wrapped, self.pool, config.lora_path, compile=config.compile)
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             config, self.pool, adapters, max_len=self.max_len, batch_tokens=self.batch_tokens,
@@ -84,6 +84,15 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("the self-check runs before the engine starts")
         self_check(self.runner, self.runner.reference_impl, self.max_len, type(self.base.model).__name__)
+
+    def compile(self) -> None:
+        """Before SERVING: compile the decode step on the engine's pool (compiled.py); a no-op with --no-compile."""
+        from loramux.engine.compiled import warm_up
+
+        if self._thread is not None:
+            raise RuntimeError("the decode step compiles before the engine starts")
+        if self.runner.compiled is not None:
+            warm_up(self.runner, self.max_len)
 
     # --- API side (any thread) ---
     def validate(self, req: Request) -> None:

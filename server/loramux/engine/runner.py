@@ -9,7 +9,8 @@ import torch
 
 from loramux.engine import attention
 from loramux.engine.attention import AttentionMeta, PrefillSeq
-from loramux.engine.forward_context import AdapterContext, row_segments, to_device
+from loramux.engine.compiled import MIN_BLOCKS, CompiledDecode
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext, row_segments, to_device
 from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.paged_attention import kernel_for
 from loramux.engine.request import Request
@@ -34,7 +35,7 @@ class Batch:
 
 
 class Runner:
-    def __init__(self, wrapped: WrappedModel, pool: BlockPool, lora_path: str = "auto") -> None:
+    def __init__(self, wrapped: WrappedModel, pool: BlockPool, lora_path: str = "auto", compile: bool = False) -> None:
         self.wrapped = wrapped
         self.lora_path = lora_path  # forward_context.LORA_PATHS
         self.model = wrapped.model
@@ -49,6 +50,8 @@ class Runner:
         attention.attach(self.model, wrapped.holder)
         # the layers whose attention ran in the last forward (the self-check reads it)
         self.layers_attended: set[int] = set()
+        # the compiled decode step (compiled.py), used for decode steps of base-model rows; compiled at warm-up
+        self.compiled: CompiledDecode | None = CompiledDecode(self.model) if compile else None
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
@@ -122,7 +125,12 @@ class Runner:
                 chunks.append((start, n, first, table[: self.pool.blocks_for(end)]))
 
         dev = self.device
+        compiled = self.compiled if self.compiled is not None and self.compiled.enabled else None
+        # a step the compiled graph serves: decodes only, every row on the base model
+        use_compiled = compiled is not None and not chunks and m == BASE_SLOT and all(s == BASE_SLOT for s in row_slots)
         nb = max((len(t) for t in dec_tables), default=0)
+        if use_compiled:
+            nb = max(nb, MIN_BLOCKS)
         padded = [b for t in dec_tables for b in t + [0] * (nb - len(t))]  # padding is masked out
         chunk_tables = [b for c in chunks for b in c[3]]
         # The adapter context first: batched LoRA plans its gather / segment indices from it (once per
@@ -159,13 +167,15 @@ class Runner:
             for start, rows_ in virtual:
                 embeds[0, start : start + rows_.shape[0]] = rows_
             inputs = {"inputs_embeds": embeds}
+        kwargs = dict(inputs, position_ids=t_pos[None, :], use_cache=False, logits_to_keep=t_last)
         try:
-            out = self.model(
-                **inputs,
-                position_ids=t_pos[None, :],
-                use_cache=False,
-                logits_to_keep=t_last,
-            )
+            out = None
+            if use_compiled:
+                dims = [(input_ids, (1,)), (kwargs["position_ids"], (1,)), (t_slots, (0,)), (t_row_slots, (0,)),
+                        (t_last, (0,)), (t_dec_tokens, (0,)), (meta.dec_tables, (0, 1)), (t_lens, (0,))]  # fmt: skip
+                out = compiled(dims, **kwargs)
+            if out is None:
+                out = self.model(**kwargs)
         finally:
             self.wrapped.holder.set(None)
         self.layers_attended = meta.layers

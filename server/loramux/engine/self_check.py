@@ -91,6 +91,8 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
     longest = max(len(p) for p in prompts) + DECODE_STEPS
     saved, pool = runner.pool, BlockPool(3 * -(-longest // CHECK_BLOCK), CHECK_BLOCK)
     runner.pool = pool
+    # the eager forward is checked here; the compiled one is checked against eager when it compiles (compiled.py)
+    compiled, runner.compiled = runner.compiled, None
     params = SamplingParams(max_new_tokens=DECODE_STEPS)
     reqs = [Request(f"self-check-{i}", list(p), params) for i, p in enumerate(prompts)]
     a, b, c = reqs
@@ -134,7 +136,7 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
                         f"{r.request_id} at position {len(ids) - 1}: max |Δ| {err:.3g} vs logits up to {scale:.3g})"
                     )
     finally:
-        runner.pool = saved
+        runner.pool, runner.compiled = saved, compiled
     log.info("model self-check passed: %s, %d steps against transformers' %s attention", architecture,
              len(got), reference_impl)  # fmt: skip
 

@@ -1,0 +1,148 @@
+"""The compiled decode step: the model's forward under `torch.compile`, for decode steps of base-model rows.
+
+Why those steps. Dynamo specialises a compiled graph on every Python value the forward
+reads, and guards on them. A decode step whose rows all use the base model reads the
+same Python structure every step (one base segment, no prompt chunks, no soft prompt,
+no merged slot) and differs only in tensor sizes: B rows, each table nb blocks long.
+Those two sizes are marked dynamic, so one graph serves every B >= 2 and every nb >= 2
+(dynamo specialises sizes 0 and 1 wherever they occur: B = 1 gets a graph of its own, and
+the runner pads every decode table to at least `MIN_BLOCKS` blocks; padding is masked).
+A step with adapter rows reads its segments (row ranges that change every step) and the
+slots' weights, a step with prompt chunks its chunk list: those run eager, the
+reference path. Compiling those too needs an adapter formulation with no Python
+structure per step (per-row slot indices into resident stacks, as Punica's BGMV does),
+which the batched LoRA path does not have yet.
+
+When. Every graph is compiled at start-up (`warm_up`, before the engine serves), on the
+engine's own block pool, and each compiled result is compared with the eager forward of
+the same batch; a mismatch beyond rounding turns compilation off for this engine with a
+warning (eager is always correct). While serving, the stance is `fail_on_recompile`: a
+step whose guards no compiled graph passes raises at entry instead of compiling, and
+runs eager (`misses` counts them), so no request ever waits for a compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._dynamo.exc import RecompileError
+
+log = logging.getLogger("loramux.compiled")
+
+MIN_BLOCKS = 2  # decode tables are padded to at least this many blocks (a size of 1 would be specialised)
+
+
+@dataclass
+class CompileReport:
+    seconds: float = 0.0  # start-up time spent compiling (and checking) the graphs
+    graphs: int = 0
+    error: str = ""  # why compilation is off, if it was turned off at start-up
+
+
+class CompiledDecode:
+    """`torch.compile(model.forward)` plus the rules for when a forward may use it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.fn = torch.compile(model.forward)
+        self.enabled = True
+        self.warming = False  # inside `warm_up`: the only time graphs compile
+        self.serving = False  # set after the warm-up: from then on nothing compiles
+        self.steps = 0  # decode steps run compiled
+        self.misses = 0  # eligible steps no graph's guards passed (run eager)
+        self.report = CompileReport()
+
+    def __call__(self, dynamic: list[tuple[torch.Tensor, tuple[int, ...]]], **kwargs: Any) -> Any | None:
+        """The model's output, or None when no compiled graph fits (the caller runs eager).
+
+        dynamic: the forward's tensors and which of their dims vary from step to step.
+        """
+        for t, dims in dynamic:
+            for d in dims:
+                if t.shape[d] > 1:
+                    torch._dynamo.mark_dynamic(t, d)
+        if self.warming:
+            return self.fn(**kwargs)
+        if not self.serving:  # never warmed up (an engine driven directly, without its start-up)
+            return None
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = self.fn(**kwargs)
+        except (RecompileError, RuntimeError) as e:
+            # torch raises a plain RuntimeError naming the stance when a frame's guards all fail
+            if not isinstance(e, RecompileError) and "fail_on_recompile" not in str(e):
+                raise
+            self.misses += 1
+            return None
+        self.steps += 1
+        return out
+
+    def disable(self, why: str) -> None:
+        self.enabled = False
+        self.report.error = why
+        log.warning("compiled decode is off: %s; every step runs eager", why)
+
+
+def warm_up(runner: Any, max_len: int) -> CompileReport:
+    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3) and check them against eager.
+
+    Runs before the engine serves: its requests take blocks of the pool and give them all
+    back. Sets `serving` once done, so that nothing compiles later; on any failure or
+    mismatch compilation is turned off (`CompiledDecode.disable`), the engine serves eager.
+    """
+    from loramux.engine.request import Request, SamplingParams
+    from loramux.engine.runner import Batch
+    from loramux.engine.self_check import tolerance
+
+    compiled: CompiledDecode = runner.compiled
+    pool = runner.pool
+    t0 = time.perf_counter()
+    # prompts that fill more than MIN_BLOCKS - 1 blocks, so that the decodes' tables need no padding
+    n = min(MIN_BLOCKS * pool.block_size - pool.block_size + 1, max_len - 3)
+    rows = 3 if pool.num_blocks >= 3 * pool.blocks_for(n + 3) else 1
+    reqs = [Request(f"compile-{i}", [3 + (7 * i + j) % 11 for j in range(n)], SamplingParams()) for i in range(rows)]
+    dtype = next(runner.model.parameters()).dtype
+    compiled.warming = True
+    try:
+        runner.compiled = None  # the prompts run eager
+        _run(runner, pool, Batch(prefill=reqs, decode=[]))
+        runner.compiled = compiled
+        for group in ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],):
+            got = _run(runner, pool, Batch(prefill=[], decode=group), commit=False)
+            runner.compiled = None
+            want = _run(runner, pool, Batch(prefill=[], decode=group))
+            runner.compiled = compiled
+            err = float((got - want).abs().max())
+            if not err <= tolerance(dtype) * max(float(want.abs().max()), 1.0):
+                compiled.disable(f"its logits differ from eager by {err:.3g} ({len(group)} rows)")
+                break
+            compiled.report.graphs += 1
+    except Exception as e:  # a model or backend inductor cannot compile: eager serves it
+        compiled.disable(f"{type(e).__name__}: {e}")
+    finally:
+        runner.compiled, compiled.warming = compiled, False
+        for r in reqs:
+            pool.release(r.block_table)
+            r.block_table = []
+    compiled.serving = True
+    compiled.report.seconds = time.perf_counter() - t0
+    if compiled.enabled:
+        log.info("compiled decode ready: %d graphs in %.1f s", compiled.report.graphs, compiled.report.seconds)
+    return compiled.report
+
+
+def _run(runner: Any, pool: Any, batch: Any, commit: bool = True) -> torch.Tensor:
+    """One forward of `batch` as the scheduler would set it up; returns its logits [rows, vocab]."""
+    for r in batch.requests:
+        r.num_scheduled = r.seq_len - r.num_computed
+        while pool.block_size * len(r.block_table) < r.seq_len:
+            r.block_table.append(pool.allocate())
+    logits = runner.run(batch)
+    if commit:
+        for r, row in zip(batch.requests, logits):
+            runner.commit(r)
+            r.output_ids.append(int(row.argmax()))
+    return logits

@@ -1,0 +1,131 @@
+"""The compiled decode step (engine/compiled.py): compiled at start-up, exact, and never compiling while serving.
+
+One server compiles (the tiny Llama: about half a minute on two cores), one runs eager;
+both get the same requests. Oracles: transformers for base rows, PEFT for LoRA rows, and
+the eager server for seeded sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from harness import Hold, ServerThread, wait_until
+from peft import LoraConfig
+from peft_helpers import make_peft_adapter
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from loramux.model import byte_tokenizer, tiny_llama_config
+from loramux.v1 import loramux_pb2 as pb
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
+PROMPTS = [[5, 9, 200, 31], [77] * 20, list(range(3, 40)), [250, 4, 4, 9, 18, 3, 3]]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compiled-store")
+    made = {n: make_peft_adapter(tiny_llama_config(), LORA, root / n, seed=s) for n, s in (("a", 41), ("b", 42))}
+    return root, made
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama_dir, store):
+    with ServerThread(tiny_llama_dir, store=store[0], compile=True, max_running=16, block_size=4) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_llama_dir, store):
+    with ServerThread(tiny_llama_dir, store=store[0], compile=False, max_running=16, block_size=4) as s:
+        yield s
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def request(ids: list[int], n: int, adapter: str = "", **params: object) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        adapter_id=adapter, prompt_token_ids=ids, params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True, **params)
+    )
+
+
+def in_one_batch(s: ServerThread, reqs: list[pb.GenerateRequest]) -> list[pb.GenerateResponse]:
+    with Hold(s.engine):
+        futures = [s.gen.Generate.future(r, timeout=300) for r in reqs]
+        wait_until(lambda: s.engine.num_waiting == len(reqs), f"{len(reqs)} requests queued")
+    return [f.result() for f in futures]
+
+
+def test_the_graphs_compile_at_start_up_and_pass_their_check(compiled, eager):
+    c = compiled.engine.runner.compiled
+    assert c is not None and c.enabled and c.serving and not c.warming
+    assert c.report.graphs == 2 and c.report.error == "" and c.report.seconds > 0
+    assert eager.engine.runner.compiled is None  # --no-compile: nothing is wrapped
+    assert compiled.engine.pool.num_used == 0  # the warm-up gave back every block it took
+
+
+def test_base_decodes_run_compiled_and_equal_transformers(compiled, reference_llama):
+    c = compiled.engine.runner.compiled
+    before = c.steps
+    one = compiled.gen.Generate(request(PROMPTS[0], 12), timeout=300)  # B = 1
+    assert list(one.token_ids) == greedy(reference_llama, PROMPTS[0], 12)
+    got = in_one_batch(compiled, [request(p, 10 + 3 * i) for i, p in enumerate(PROMPTS)])  # B = 4 .. 1
+    for i, (p, g) in enumerate(zip(PROMPTS, got)):
+        assert list(g.token_ids) == greedy(reference_llama, p, 10 + 3 * i)
+    assert c.steps - before >= 11 + 18  # every decode step of these base rows ran compiled
+    assert c.misses == 0  # no step needed a graph that was not compiled at start-up
+
+
+def test_mixed_adapter_batches_give_the_same_tokens_compiled_and_eager(compiled, eager, store, reference_llama):
+    """Adapter steps run eager, base-only steps compiled, in the same requests: LoRA rows equal PEFT,
+    and seeded sampled rows equal the eager server's, token for token."""
+    made = store[1]
+    reqs = [
+        request(PROMPTS[0], 14, "a"),
+        request(PROMPTS[1], 6, "b"),
+        request(PROMPTS[2], 20),  # outlives the adapter rows: its last steps are base-only
+        request(PROMPTS[3], 16, temperature=0.9, top_p=0.9, top_k=20, seed=7, repetition_penalty=1.2),
+        request(PROMPTS[1], 9, "a", temperature=1.0, seed=3, presence_penalty=0.5),
+    ]
+    before = compiled.engine.runner.compiled.steps
+    got = in_one_batch(compiled, reqs)
+    want = in_one_batch(eager, reqs)
+    assert [list(g.token_ids) for g in got] == [list(w.token_ids) for w in want]
+    assert list(got[0].token_ids) == greedy(made["a"], PROMPTS[0], 14)
+    assert list(got[1].token_ids) == greedy(made["b"], PROMPTS[1], 6)
+    assert list(got[2].token_ids) == greedy(reference_llama, PROMPTS[2], 20)
+    assert compiled.engine.runner.compiled.steps > before  # the base-only tail ran compiled
+    assert compiled.engine.runner.compiled.misses == 0
+
+
+def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
+    """A bottleneck adapter installed after start-up changes what every layer's hooks read, so the
+    graphs' guards fail for base steps too: those steps run eager (counted), outputs stay exact."""
+    root = tmp_path
+    model_dir = root / "base"
+    shutil.copytree(FIXTURES / "llama" / "base", model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    shutil.copytree(FIXTURES / "llama" / "seq_bn", root / "store" / "bn")
+    prompts = json.loads((FIXTURES / "prompts.json").read_text())["token_ids"]
+    want = load_file(FIXTURES / "llama" / "seq_bn" / "expected.safetensors")["greedy"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with ServerThread(model_dir, store=root / "store", compile=True, max_device_adapters=2) as s:
+        c = s.engine.runner.compiled
+        assert c.enabled and c.report.graphs == 2
+        assert list(s.gen.Generate(request(prompts[0], 6), timeout=300).token_ids) == greedy(base, prompts[0], 6)
+        assert c.steps >= 5 and c.misses == 0
+        s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="bn"), timeout=60)
+        got = s.gen.Generate(request(prompts[0], want.shape[1], "bn"), timeout=300)
+        assert list(got.token_ids) == want[0].tolist()
+        steps = c.steps
+        assert list(s.gen.Generate(request(prompts[1], 6), timeout=300).token_ids) == greedy(base, prompts[1], 6)
+        assert c.misses >= 5 and c.steps == steps  # eager, and nothing compiled while serving
