@@ -89,13 +89,14 @@ class ServerThread:
         self.stop()
 
 
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll `cond` until it holds (a condition to reach, never a time to assert)."""
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0, interval: float = 0.005) -> None:
+    """Poll `cond` every `interval` s until it holds (a condition to reach, never a time to assert);
+    `timeout` only bounds a wait that would otherwise hang, and fails it."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
-        time.sleep(0.005)
+        time.sleep(interval)
 
 
 class Hold:

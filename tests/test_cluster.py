@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from collections import defaultdict
 
 import grpc
@@ -24,7 +23,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from cluster_helpers import ClusterProcess, burst, copy_store, replica_of, request, sample, scrape, store_loads
-from harness import ServerThread
+from harness import ServerThread, wait_until
 from peft import LoraConfig
 from peft_helpers import make_peft_adapter
 from registry_helpers import AUTH, TOKEN, Adapter, upload
@@ -35,6 +34,7 @@ from loramux.v1 import loramux_pb2 as pb
 
 ADAPTERS = [f"lora-{i}" for i in range(6)]
 PROMPTS = [[(7 * i + j) % 200 + 3 for j in range(6 + i % 4)] for i in range(64)]
+BURSTS = 50  # bursts a routing state may take to show (a bound that turns a hang into a failure)
 MAX_ONGOING = 40  # a cold burst of 40 never saturates a replica, even one that owns all 6 adapters
 N = 8  # new tokens per request
 LONG = 200  # new tokens of requests that must overlap to saturate a replica
@@ -192,10 +192,13 @@ def test_http_api_through_the_same_router(cluster, single, owners, oai):
 def _until_both_replicas_serve(cluster, adapter: str, want: list[int]) -> None:
     """Bursts of overlapping requests until both replicas served `adapter`; every answer is `want`."""
     seen: set[int] = set()
-    while seen != {0, 1}:
+    for _ in range(BURSTS):
         got = burst(cluster.gen, [request(adapter, PROMPTS[0], LONG)] * (MAX_ONGOING + 8))
         assert all(ids == want for ids, _ in got)
         seen |= {rank for _, rank in got}
+        if seen == {0, 1}:
+            return
+    raise AssertionError(f"{BURSTS} saturating bursts of {adapter} never reached both replicas: {seen}")
 
 
 def test_upload_and_overwrite_are_seen_by_every_replica(cluster, single, store, tmp_path):
@@ -236,8 +239,8 @@ def test_a_client_that_goes_away_frees_its_request_on_the_replica(cluster, owner
     stream = cluster.gen.GenerateStream(request(adapter, PROMPTS[3], 500), timeout=300)
     next(stream)
     stream.cancel()
-    while ended() == (cancelled, ok):  # the replica's engine ends it: a state, not a time
-        time.sleep(0.1)
+    # the replica's engine ends it: a state, not a time (the bound only turns a hang into a failure)
+    wait_until(lambda: ended() != (cancelled, ok), "the cancelled stream ended on its replica", 120, 0.1)
     assert ended() == (cancelled + 1, ok)
     assert sample(scrape(metrics), "loramux_requests_running") == 0
 
@@ -248,8 +251,7 @@ def test_a_client_that_goes_away_frees_its_request_on_the_replica(cluster, owner
     with httpx.stream("POST", f"http://{cluster.http}/v1/completions", json=body, headers=headers, timeout=300) as r:
         assert r.status_code == 200 and r.headers["loramux-replica"] == str(owners[adapter])
         assert next(r.iter_lines()).startswith("data: ")
-    while ended() == (cancelled, ok):
-        time.sleep(0.1)
+    wait_until(lambda: ended() != (cancelled, ok), "the closed HTTP stream ended on its replica", 120, 0.1)
     assert ended() == (cancelled + 1, ok)
     assert sample(scrape(metrics), "loramux_requests_running") == 0
 
@@ -286,13 +288,17 @@ def test_a_killed_replica_fails_its_requests_only_and_comes_back(cluster, single
     reqs = [request(ADAPTERS[i % 6], PROMPTS[i], N) for i in range(12)]
     assert [ids for ids, _ in burst(cluster.gen, reqs)] == expected(single, reqs)
 
-    while True:  # Ray restarts the replica: wait for the router to see it (a state, not a time)
+    def restarted() -> bool:  # Ray restarts the replica: wait for the router to see it (a state, not a time)
         now = _replicas(cluster)
-        if len(now) == 2 and pid not in now.values():
-            break
-        time.sleep(0.2)
+        return len(now) == 2 and pid not in now.values()
+
+    wait_until(restarted, "the killed replica restarted and registered", 300, 0.2)
+    now = _replicas(cluster)
     ranks: set[int] = set()
-    while ranks != set(now):  # the restarted replica serves too (its adapters come back to it)
+    for _ in range(BURSTS):  # the restarted replica serves too (its adapters come back to it)
         got = burst(cluster.gen, reqs)
         assert [ids for ids, _ in got] == expected(single, reqs)
         ranks |= {rank for _, rank in got}
+        if ranks == set(now):
+            break
+    assert ranks == set(now), f"the restarted replica served none of {BURSTS} bursts"
