@@ -121,7 +121,7 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
                 break
             compiled.report.graphs += 1
     except Exception as e:  # a model or backend inductor cannot compile: eager serves it
-        compiled.disable(f"{type(e).__name__}: {e}")
+        compiled.disable(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
     finally:
         runner.compiled, compiled.warming = compiled, False
         for r in reqs:
