@@ -36,7 +36,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiled(tiny_llama_dir, store):
-    with ServerThread(tiny_llama_dir, store=store[0], compile=True, max_running=16, block_size=4) as s:
+    with ServerThread(
+        tiny_llama_dir, store=store[0], compile=True, max_running=16, block_size=4, merged_cache_mb=8
+    ) as s:
         yield s
 
 
@@ -68,7 +70,7 @@ def in_one_batch(s: ServerThread, reqs: list[pb.GenerateRequest]) -> list[pb.Gen
 def test_the_graphs_compile_at_start_up_and_pass_their_check(compiled, eager):
     c = compiled.engine.runner.compiled
     assert c is not None and c.enabled and c.serving and not c.warming
-    assert c.report.graphs == 2 and c.report.error == "" and c.report.seconds > 0
+    assert c.report.graphs == 4 and c.report.error == "" and c.report.seconds > 0  # base and all-merged, B = 1 and 3
     assert eager.engine.runner.compiled is None  # --no-compile: nothing is wrapped
     assert compiled.engine.pool.num_used == 0  # the warm-up gave back every block it took
 
@@ -120,7 +122,7 @@ def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with ServerThread(model_dir, store=root / "store", compile=True, max_device_adapters=2) as s:
         c = s.engine.runner.compiled
-        assert c.enabled and c.report.graphs == 2
+        assert c.enabled and c.report.graphs == 2  # no merged cache: no merged graphs
         assert list(s.gen.Generate(request(prompts[0], 6), timeout=300).token_ids) == greedy(base, prompts[0], 6)
         assert c.steps >= 5 and c.misses == 0
         s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="bn"), timeout=60)
@@ -129,3 +131,18 @@ def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
         steps = c.steps
         assert list(s.gen.Generate(request(prompts[1], 6), timeout=300).token_ids) == greedy(base, prompts[1], 6)
         assert c.misses >= 5 and c.steps == steps  # eager, and nothing compiled while serving
+
+
+def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store):
+    """A merge made while serving runs on the graphs compiled at start-up (W0 stood for its weights)."""
+    made = store[1]
+    c = compiled.engine.runner.compiled
+    m = compiled.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="b", merge=True), timeout=120)
+    assert m.state == pb.ADAPTER_STATE_MERGED
+    before, misses = c.steps, c.misses
+    one = compiled.gen.Generate(request(PROMPTS[2], 12, "b"), timeout=300)
+    assert list(one.token_ids) == greedy(made["b"], PROMPTS[2], 12)
+    got = in_one_batch(compiled, [request(p, 8, "b") for p in PROMPTS])
+    for p, g in zip(PROMPTS, got):
+        assert list(g.token_ids) == greedy(made["b"], p, 8)
+    assert c.steps - before >= 11 + 7 and c.misses == misses  # every merged decode step ran compiled

@@ -46,8 +46,9 @@ class CompileReport:
 class CompiledDecode:
     """`torch.compile(model.forward)` plus the rules for when a forward may use it."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, merged: bool = False) -> None:
         self.fn = torch.compile(model.forward)
+        self.merged = merged  # also the graphs of all-merged decode steps (the merged cache is on)
         self.enabled = True
         self.warming = False  # inside `warm_up`: the only time graphs compile
         self.serving = False  # set after the warm-up: from then on nothing compiles
@@ -87,7 +88,8 @@ class CompiledDecode:
 
 
 def warm_up(runner: Any, max_len: int) -> CompileReport:
-    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3) and check them against eager.
+    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3; then the same all-merged,
+    with W0 standing for every merged weight, when the merged cache is on) and check them against eager.
 
     Runs before the engine serves: its requests take blocks of the pool and give them all
     back. Sets `serving` once done, so that nothing compiles later; on any failure or
@@ -110,14 +112,16 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
         runner.compiled = None  # the prompts run eager
         _run(runner, pool, Batch(prefill=reqs, decode=[]))
         runner.compiled = compiled
-        for group in ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],):
-            got = _run(runner, pool, Batch(prefill=[], decode=group), commit=False)
+        groups = ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],)
+        for group, merged in [(g, False) for g in groups] + ([(g, True) for g in groups] if compiled.merged else []):
+            got = _run(runner, pool, Batch(prefill=[], decode=group, merged_as_base=merged), commit=False)
             runner.compiled = None
             want = _run(runner, pool, Batch(prefill=[], decode=group))
             runner.compiled = compiled
             err = float((got - want).abs().max())
             if not err <= tolerance(dtype) * max(float(want.abs().max()), 1.0):
-                compiled.disable(f"its logits differ from eager by {err:.3g} ({len(group)} rows)")
+                what = "merged " if merged else ""
+                compiled.disable(f"its {what}logits differ from eager by {err:.3g} ({len(group)} rows)")
                 break
             compiled.report.graphs += 1
     except Exception as e:  # a model or backend inductor cannot compile: eager serves it

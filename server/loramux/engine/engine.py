@@ -55,7 +55,9 @@ class Engine:
         )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.block_size)
         self.batch_tokens = config.max_batch_tokens or default_batch_tokens(base.device.type)
-        self.runner = Runner(wrapped, self.pool, config.lora_path, compile=config.compile)
+        self.runner = Runner(
+            wrapped, self.pool, config.lora_path, compile=config.compile, compile_merged=config.merged_cache_mb > 0
+        )
         self.sampler = Sampler()
         self.scheduler = Scheduler(
             config, self.pool, adapters, max_len=self.max_len, batch_tokens=self.batch_tokens,

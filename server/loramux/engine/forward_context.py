@@ -48,6 +48,9 @@ class AdapterContext:
     lora_path: str = "auto"
     # what attention needs (cache rows, positions, masks); None for forwards without the KV cache (tests)
     attention: AttentionMeta | None = None
+    # an all-merged forward on the compiled path (engine/compiled.py): every wrapped layer's weight,
+    # by the layer's `index` (its merged copy, or W0 where the adapter leaves it alone); None otherwise
+    merged_weights: list[Any] | None = None
     # the segments whose slot is an adapter (not BASE_SLOT), precomputed once
     adapter_segments: list[Segment] = field(init=False)
     # with a merged slot: the adapter segments of the other slots, and the (start, end) row spans of

@@ -28,6 +28,9 @@ class Batch:
     merged_slot: int = -1
     # run merged_slot's rows in a forward of their own, the other rows in a second one (adapters/cache/merge_policy.py)
     split_merged: bool = False
+    # base rows through the all-merged path with W0 as every merged weight: how the compiled
+    # merged graphs are compiled before any adapter is merged (engine/compiled.py)
+    merged_as_base: bool = False
 
     @property
     def requests(self) -> list[Request]:
@@ -35,7 +38,14 @@ class Batch:
 
 
 class Runner:
-    def __init__(self, wrapped: WrappedModel, pool: BlockPool, lora_path: str = "auto", compile: bool = False) -> None:
+    def __init__(
+        self,
+        wrapped: WrappedModel,
+        pool: BlockPool,
+        lora_path: str = "auto",
+        compile: bool = False,
+        compile_merged: bool = False,
+    ) -> None:
         self.wrapped = wrapped
         self.lora_path = lora_path  # forward_context.LORA_PATHS
         self.model = wrapped.model
@@ -50,8 +60,8 @@ class Runner:
         attention.attach(self.model, wrapped.holder)
         # the layers whose attention ran in the last forward (the self-check reads it)
         self.layers_attended: set[int] = set()
-        # the compiled decode step (compiled.py), used for decode steps of base-model rows; compiled at warm-up
-        self.compiled: CompiledDecode | None = CompiledDecode(self.model) if compile else None
+        # the compiled decode step (compiled.py), for decode steps of base rows (and of all-merged rows)
+        self.compiled: CompiledDecode | None = CompiledDecode(self.model, compile_merged) if compile else None
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
@@ -126,8 +136,13 @@ class Runner:
 
         dev = self.device
         compiled = self.compiled if self.compiled is not None and self.compiled.enabled else None
-        # a step the compiled graph serves: decodes only, every row on the base model
-        use_compiled = compiled is not None and not chunks and m == BASE_SLOT and all(s == BASE_SLOT for s in row_slots)
+        # A step a compiled graph serves: decodes only, every row on the base model, or every row on
+        # the merged slot with every layer merged (those layers' weights then go in the context).
+        merged_weights = None
+        use_compiled = compiled is not None and not chunks and all(s == m for s in row_slots)
+        if use_compiled and (m != BASE_SLOT or batch.merged_as_base):
+            merged_weights = self.wrapped.merged_weights(m) if compiled.merged else None
+            use_compiled = merged_weights is not None
         nb = max((len(t) for t in dec_tables), default=0)
         if use_compiled:
             nb = max(nb, MIN_BLOCKS)
@@ -157,7 +172,7 @@ class Runner:
             dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
         )
-        ctx.slots, ctx.attention = t_row_slots, meta
+        ctx.slots, ctx.attention, ctx.merged_weights = t_row_slots, meta, merged_weights
         self.wrapped.holder.set(ctx)
         input_ids = t_ids[None, :]  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}

@@ -63,7 +63,8 @@ def merge_cost(layers: Iterable[MultiAdapterLinear], slot: int) -> MergeCost:
     return MergeCost(row_macs=macs, layers=n, subtractable=subtractable)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: merged copies are normal tensors, as the base weights are, so that the
+# compiled all-merged graphs (engine/compiled.py, compiled with W0 in their place) accept them
 def merge_all(snapshot: Snapshot, dtype: torch.dtype) -> dict[str, MergedWeight]:
     """Worker thread: every layer's merged weight and bias (see the module docstring)."""
     return {name: merge_layer(w0, b0, parts, dtype) for name, parts, w0, b0 in snapshot}

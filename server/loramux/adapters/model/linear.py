@@ -38,6 +38,7 @@ class MultiAdapterLinear(nn.Module):
             raise ValueError(f"cannot wrap {type(base_layer).__name__}; only nn.Linear and Conv1D")
         self.base_layer = base_layer
         self.holder = holder
+        self.index = 0  # position among the model's wrapped layers (wrap_linears), in AdapterContext.merged_weights
         self.in_features = int(in_f)
         self.out_features = int(out_f)
         self.num_slots = num_slots
@@ -71,6 +72,9 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (the runner's [1, tokens, in]); y: [..., out], base bias included
         ctx = self.holder.get()
+        if ctx is not None and ctx.merged_weights is not None:  # every row on one merged slot (compiled.py)
+            w = ctx.merged_weights[self.index]
+            return F.linear(x, w.weight, w.bias)
         merged = self._merged_for(ctx)
         if merged is not None:
             return self._forward_merged(x, ctx, merged)
@@ -177,6 +181,18 @@ class MultiAdapterLinear(nn.Module):
         if merged.bias is not None:
             self._check(merged.bias, (self.out_features,), "merged bias")
         self.merged[slot] = merged
+
+    def merged_or_base(self, slot: int) -> MergedWeight | None:
+        """The weight that stands for W0 + `slot`'s delta here: its merged copy, W0 where `slot` holds
+        nothing in this layer (BASE_SLOT: always W0), None where a delta is installed but not merged."""
+        if slot != BASE_SLOT:
+            if slot in self.merged:
+                return self.merged[slot]
+            if self.deltas[self._slot_index(slot)] is not None:
+                return None
+        # plain tensors (views), as merged copies are: a compiled graph's guards then see one kind of input
+        bias = self.bias.detach() if self.bias is not None else None
+        return MergedWeight(self.base_weight_rows().detach(), bias, 0)
 
     def clear_merged(self, slot: int) -> None:
         self.merged.pop(self._slot_index(slot), None)
@@ -286,6 +302,7 @@ def wrap_linears(model: nn.Module, holder: ContextHolder, num_slots: int) -> dic
         parent_name, _, child = rel_name.rpartition(".")
         parent = layers.get_submodule(parent_name) if parent_name else layers
         layer = MultiAdapterLinear(module, holder, num_slots)
+        layer.index = len(wrapped)
         setattr(parent, child, layer)
         wrapped[full_name] = layer
     return wrapped

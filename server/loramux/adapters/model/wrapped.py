@@ -47,6 +47,12 @@ class WrappedModel:
                 layer.prepare(ctx, host)
         return host
 
+    def merged_weights(self, slot: int) -> list | None:
+        """Every wrapped layer's weight for a forward whose rows all use `slot` merged (BASE_SLOT: W0
+        everywhere), by layer `index`; None when some layer holds a delta of `slot` it has not merged."""
+        weights = [layer.merged_or_base(slot) for layer in self.linears.values()]
+        return None if any(w is None for w in weights) else weights
+
     def lora_stack_nbytes(self) -> int:
         """Bytes the wrapped layers' plain-LoRA stacks hold on the device, unused capacity included."""
         return sum(layer.stacked.nbytes() for layer in self.linears.values())
