@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import grpc
 
+from loramux.api.bridge import EventBridge
 from loramux.api.errors import status_for
 from loramux.api.requests import Prompts, RequestCancelled, admit, events
 from loramux.engine.engine import Engine
@@ -28,7 +29,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.engine: Engine | None = None
         self.adapter_exists: Callable[[str], bool] = lambda _id: False
 
-    def attach(self, engine: Engine, adapter_exists: Callable[[str], bool]) -> None:
+    def attach(self, engine: Engine, adapter_exists: Callable[[str], bool], bridge: EventBridge) -> None:
+        self.bridge = bridge
         self.tokenizer = engine.base.tokenizer
         self.prompts = Prompts(self.tokenizer, engine.max_len)
         self.adapter_exists = adapter_exists
@@ -84,7 +86,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            return await admit(self.engine, request, self.prompts, self.adapter_exists, deadline, FRONTEND)
+            return await admit(self.engine, request, self.prompts, self.adapter_exists, deadline, FRONTEND, self.bridge)
         except Exception as e:  # Draining is UNAVAILABLE, like any status, through status_for
             await context.abort(status_for(e), str(e))
             raise AssertionError("unreachable: abort raises") from e

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from loramux.api.bridge import EventBridge
 from loramux.api.errors import NotFound, status_for
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams, TokenEvent
@@ -131,19 +132,20 @@ async def admit(
     adapter_exists: Callable[[str], bool],
     deadline: float | None,
     frontend: str,
+    bridge: EventBridge,
 ) -> tuple[Request, asyncio.Queue[TokenEvent]]:
     """Build, validate and submit on the running event loop; returns the request and its event queue.
 
+    The engine's events reach the queue through `bridge` (the server's one, on this loop).
     Raises what the request was refused with, after counting and logging the refusal;
     the front-end maps the exception to its status with `status_for`."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
     req: Request | None = None
     try:
         req = await build_request(msg, prompts, adapter_exists, deadline, frontend)
         engine.validate(req)
         # The sink is set before submit: the engine may step before this coroutine resumes.
-        req.sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        req.sink = bridge.sink(queue)
         engine.submit(req)
     except Exception as e:
         record_rejection(engine, msg, req, status_for(e).name, e, frontend)
@@ -172,22 +174,38 @@ def record_rejection(
     )
 
 
-async def events(engine: Engine, req: Request, queue: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+async def events(
+    engine: Engine, req: Request, queue: asyncio.Queue[TokenEvent], coalesce: bool = False
+) -> AsyncIterator[TokenEvent]:
     """The request's token events, in order, up to the final one.
 
-    Raises the engine's error for a failed request, RequestCancelled for a dropped one.
-    If the consumer stops early (its client went away), the request is cancelled and
-    the engine frees it at its next step."""
+    With `coalesce`, the token events already waiting in the queue when one is taken
+    are joined into one (their tokens, text and logprobs in order, the last one's
+    finish reason): a consumer that fell behind catches up in one message instead of
+    one per token. An error or a cancel is never joined: it comes after the tokens
+    before it. Raises the engine's error for a failed request, RequestCancelled for a
+    dropped one. If the consumer stops early (its client went away), the request is
+    cancelled and the engine frees it at its next step."""
     done = False
+    held: TokenEvent | None = None  # an error or cancel taken while joining, for the next turn
     try:
         while True:
-            ev = await queue.get()
+            if held is not None:
+                ev, held = held, None
+            else:
+                ev = await queue.get()
             if ev.error is not None:
                 done = True
                 raise ev.error
             if ev.cancelled:
                 done = True
                 raise RequestCancelled("request cancelled or past its deadline")
+            while coalesce and not ev.final and not queue.empty():
+                nxt = queue.get_nowait()
+                if nxt.error is not None or nxt.cancelled:
+                    held = nxt
+                    break
+                ev = join(ev, nxt)
             yield ev
             if ev.final:
                 done = True
@@ -195,6 +213,11 @@ async def events(engine: Engine, req: Request, queue: asyncio.Queue[TokenEvent])
     finally:
         if not done:
             cancel(engine, req)
+
+
+def join(a: TokenEvent, b: TokenEvent) -> TokenEvent:
+    """Two consecutive token events of one request as one."""
+    return TokenEvent(a.token_ids + b.token_ids, a.text + b.text, a.logprobs + b.logprobs, b.finish_reason)
 
 
 def cancel(engine: Engine, req: Request) -> None:

@@ -20,6 +20,7 @@ from loramux.adapters.model.wrapped import WrappedModel
 from loramux.adapters.store.store import AdapterStore
 from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
+from loramux.api.bridge import EventBridge
 from loramux.api.decode import DecodeErrors
 from loramux.api.errors import status_for
 from loramux.api.generation import GenerationService
@@ -120,12 +121,13 @@ class LoramuxServer:
         self.cache.on_ready = self.engine.wake
         self.engine.outcomes.refusal_reason = lambda err: status_for(err).name.lower()
         self.metrics.set_info(model=self.base.name, device=str(self.base.device), dtype=str(self.base.dtype))
-        self.generation.attach(self.engine, self.store.exists)
+        bridge = EventBridge(loop)  # the engine's events to both front-ends' requests, a step's at once
+        self.generation.attach(self.engine, self.store.exists, bridge)
         self.adapters.attach(self.store, self.cache, self.engine, self.describe_adapter)
         # A model the engine cannot serve exactly is never served: this raises, and serve exits non-zero.
         await loop.run_in_executor(None, self.engine.self_check)
         await loop.run_in_executor(None, self.engine.compile)
-        self.http_state.attach(self.engine, self.adapters, cfg.allowed_adapter_dir)
+        self.http_state.attach(self.engine, self.adapters, cfg.allowed_adapter_dir, bridge)
         self.engine.start()
         await loop.run_in_executor(None, self._warm_up)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

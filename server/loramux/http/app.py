@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux.api.adapters import AdaptersService
 from loramux.api.auth import AdminAuth
+from loramux.api.bridge import EventBridge
 from loramux.api.errors import status_for
 from loramux.engine.engine import Engine
 from loramux.http.convert import chat_requests, completion_requests
@@ -56,12 +57,12 @@ class HttpState:
         self.generation: Generation | None = None
         self.serving = False  # set once the server is SERVING, cleared when it drains
 
-    def attach(self, engine: Engine, adapters: AdaptersService, allowed_dir: Path | None) -> None:
+    def attach(self, engine: Engine, adapters: AdaptersService, allowed_dir: Path | None, bridge: EventBridge) -> None:
         if not self.served_name:
             self.served_name = engine.base.name
         self.adapters = adapters
         self.loader = LoraLoader(adapters, allowed_dir)
-        self.generation = Generation(engine, engine.base.tokenizer, adapters.store.exists)
+        self.generation = Generation(engine, engine.base.tokenizer, adapters.store.exists, bridge)
         self.engine = engine
 
     def adapter_for(self, model: str) -> str:

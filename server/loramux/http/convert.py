@@ -7,6 +7,7 @@ is prompt i's j-th sample (OpenAI's order). With a seed, choice j samples with
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,12 @@ from loramux.http.schemas import ChatCompletionRequest, CompletionRequest, _Samp
 from loramux.v1 import loramux_pb2 as pb
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
+_string = json.encoder.encode_basestring  # one str as JSON, non-ASCII kept (C, as json.dumps uses)
+
+
+def to_json(obj: Any) -> str:
+    """Compact JSON, non-ASCII kept: what every body and event of the HTTP API is written as."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def sampling(body: _Sampling, max_new_tokens: int, choice: int) -> pb.SamplingParams:
@@ -101,7 +108,13 @@ def usage(choices: list[Choice]) -> dict[str, Any]:
 
 
 class Shapes:
-    """The response and chunk bodies of one call."""
+    """The response and chunk bodies of one call.
+
+    A stream's chunks differ only in their choice, so a chunk is written from text made
+    once per call (its head: id, object, created, model) and the choice's few values,
+    each encoded as JSON on its own: the same bytes as `to_json` of the chunk's dict
+    (tests/test_http_stream.py compares them), without building and walking a dict of
+    dicts per streamed token."""
 
     def __init__(self, kind: str, request_id: str, model: str, tokenizer: Any) -> None:
         self.kind = kind  # "completion" or "chat"
@@ -109,6 +122,8 @@ class Shapes:
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self._chunk_head = to_json(self._head(obj))[:-1] + ',"choices":[{"index":'  # without its closing brace
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -159,21 +174,22 @@ class Shapes:
         logprobs: dict | None,
         include_usage: bool,
         first: bool = False,
-    ) -> dict[str, Any]:
+    ) -> str:
+        """One choice's chunk as JSON: {head, "choices": [{"index", "text" | "delta", "logprobs",
+        "finish_reason"}], "usage": null where the call asked for a usage chunk}."""
+        lp = "null" if logprobs is None else to_json(logprobs)
+        finish = "null" if finish_reason is None else _string(finish_reason)
         if self.kind == "chat":
-            delta: dict[str, Any] = {}
+            delta = []
             if first:
-                delta["role"] = "assistant"
+                delta.append('"role":"assistant"')
             if text is not None:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                delta.append('"content":' + _string(text))
+            body = f'"delta":{{{",".join(delta)}}}'
         else:
-            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        out = {**self._head(obj), "choices": [choice]}
-        if include_usage:
-            out["usage"] = None
-        return out
+            body = '"text":' + _string(text or "")
+        tail = ',"usage":null}' if include_usage else "}"
+        return f'{self._chunk_head}{index},{body},"logprobs":{lp},"finish_reason":{finish}}}]{tail}'
 
     def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

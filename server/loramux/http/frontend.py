@@ -57,7 +57,7 @@ class HttpFrontend:
         sock = bind(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
-            self.app, lifespan="off", log_level="warning", access_log=False, timeout_keep_alive=30,
+            self.app, http="httptools", lifespan="off", log_level="warning", access_log=False, timeout_keep_alive=30,
             timeout_graceful_shutdown=30,
         )  # fmt: skip
         self._server = _Server(config)

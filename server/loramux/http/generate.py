@@ -5,12 +5,15 @@ same validation, metrics and request logs, with `frontend=http`). Admission happ
 before the response starts, so a refused call gets its HTTP status even when it asked
 for a stream. A client that disconnects cancels every request of its call at once:
 a watcher waits for the ASGI `http.disconnect` message beside the generation.
+
+A stream without logprobs sends the tokens that are already waiting when it writes
+as one chunk (`events(coalesce=True)`): a stream that fell behind catches up in one
+write, as vLLM's does. With logprobs every token keeps a chunk of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -20,11 +23,12 @@ import grpc
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loramux.api.bridge import EventBridge
 from loramux.api.errors import NotFound, status_for
 from loramux.api.requests import Prompts, admit, cancel, events
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, TokenEvent
-from loramux.http.convert import FINISH, Choice, Shapes
+from loramux.http.convert import FINISH, Choice, Shapes, to_json
 from loramux.http.errors import HttpError, error_body
 from loramux.v1 import loramux_pb2 as pb
 
@@ -37,8 +41,9 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(obj: dict[str, Any] | str) -> str:
+    """One server-sent event of a dict, or of a chunk already written as JSON."""
+    return f"data: {obj if isinstance(obj, str) else to_json(obj)}\n\n"
 
 
 def cached_tokens(req: Request) -> int:
@@ -57,8 +62,11 @@ async def disconnected(http: HttpRequest) -> None:
 class Generation:
     """One call: its engine requests, their choices, and the response shapes."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, adapter_exists: Callable[[str], bool]) -> None:
+    def __init__(
+        self, engine: Engine, tokenizer: Any, adapter_exists: Callable[[str], bool], bridge: EventBridge
+    ) -> None:
         self.engine = engine
+        self.bridge = bridge
         self.tokenizer = tokenizer
         self.prompts = Prompts(tokenizer, engine.max_len)  # bounded, then tokenized off the event loop
         self.adapter_exists = adapter_exists
@@ -69,7 +77,9 @@ class Generation:
         admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]] = []
         try:
             for m in msgs:
-                admitted.append(await admit(self.engine, m, self.prompts, self.adapter_exists, None, FRONTEND))
+                admitted.append(
+                    await admit(self.engine, m, self.prompts, self.adapter_exists, None, FRONTEND, self.bridge)
+                )
         except BaseException as e:  # a refusal, or the call cancelled while a prompt was tokenized
             for req, _ in admitted:
                 cancel(self.engine, req)
@@ -134,7 +144,7 @@ class Generation:
             if shapes.kind == "chat":
                 for c in choices:
                     yield sse(shapes.chunk(c.index, "", None, None, include_usage, first=True))
-            async with aclosing(self._merged(admitted)) as stream:
+            async with aclosing(self._merged(admitted, coalesce=not with_logprobs)) as stream:
                 async for k, ev in stream:
                     c = choices[k]
                     offset = c.chars
@@ -159,12 +169,12 @@ class Generation:
                     cancel(self.engine, req)
 
     async def _merged(
-        self, admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]]
+        self, admitted: list[tuple[Request, asyncio.Queue[TokenEvent]]], coalesce: bool
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice, event) of every request of the call, as they come; raises the first failure."""
         if len(admitted) == 1:  # the common case, without a task and a second queue per event
             req, queue = admitted[0]
-            async with aclosing(events(self.engine, req, queue)) as stream:
+            async with aclosing(events(self.engine, req, queue, coalesce)) as stream:
                 async for ev in stream:
                     yield 0, ev
             return
@@ -172,7 +182,7 @@ class Generation:
 
         async def pump(k: int, req: Request, queue: asyncio.Queue[TokenEvent]) -> None:
             try:
-                async with aclosing(events(self.engine, req, queue)) as stream:
+                async with aclosing(events(self.engine, req, queue, coalesce)) as stream:
                     async for ev in stream:
                         merged.put_nowait((k, ev, None))
             except Exception as e:
