@@ -1,16 +1,19 @@
-"""The load generator over the OpenAI-compatible API: streamed /v1/completions, timed per chunk.
+"""The load generator over the OpenAI-compatible API: streamed /v1/completions, timed per event.
 
 The same requests as the gRPC client sends (token-id prompts, greedy, `ignore_eos`,
 exactly the asked-for number of tokens), as server-sent events with the usage chunk;
 the token count comes from that usage, since an event carries text, not token ids.
-Needs `httpx` (in the `test` extra).
+
+The client is as lean as the gRPC one, so that on a small machine the two compare the
+servers' APIs rather than the clients: aiohttp (its C HTTP parser), the body read as it
+arrives and cut into events at the blank line, one `json.loads` per event. Every event
+in one read is timed at that read. Needs `aiohttp` (in the `test` extra).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 
 from loramux.bench.result import RunResult
@@ -26,7 +29,6 @@ def run_http_requests(
     timeout_s: float = 600.0,
 ) -> RunResult:
     """Send `requests` (closed loop of `clients`, or open loop at `arrivals`) and time every event."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request in the bench's log
     return asyncio.run(_run(base_url, config, requests, clients, arrivals, timeout_s))
 
 
@@ -38,15 +40,16 @@ async def _run(
     arrivals: list[float] | None,
     timeout_s: float,
 ) -> RunResult:
-    import httpx
+    import aiohttp
 
     result = RunResult(config=config, requests=len(requests))
-    concurrent = len(requests) if arrivals is not None else min(clients, len(requests))
-    limits = httpx.Limits(max_connections=max(concurrent, 1), max_keepalive_connections=max(concurrent, 1))
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as http:
+    concurrent = max(len(requests) if arrivals is not None else min(clients, len(requests)), 1)
+    connector = aiohttp.TCPConnector(limit=concurrent, keepalive_timeout=timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as http:
         base = await _base_model(http)
         # Every connection the run needs is opened before the clock starts, as the gRPC client's channel is.
-        await asyncio.gather(*(http.get("/health") for _ in range(concurrent)))
+        await asyncio.gather(*(_health(http) for _ in range(concurrent)))
         start = time.perf_counter()
         if arrivals is None:
             queue = list(reversed(requests))
@@ -68,9 +71,15 @@ async def _run(
 
 
 async def _base_model(http: object) -> str:
-    resp = await http.get("/v1/models")
-    resp.raise_for_status()
-    return next(m["id"] for m in resp.json()["data"] if m.get("parent") is None)
+    async with http.get("/v1/models") as resp:
+        resp.raise_for_status()
+        cards = (await resp.json())["data"]
+    return next(m["id"] for m in cards if m.get("parent") is None)
+
+
+async def _health(http: object) -> None:
+    async with http.get("/health") as resp:
+        await resp.read()
 
 
 async def _one(http: object, base: str, r: BenchRequest, result: RunResult) -> None:
@@ -82,22 +91,26 @@ async def _one(http: object, base: str, r: BenchRequest, result: RunResult) -> N
     times: list[float] = []
     tokens = 0
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                result.errors.append(f"HTTP {resp.status_code}: {resp.text[:200]} (adapter {r.adapter_id or 'base'!r})")
+        async with http.post("/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                result.errors.append(f"HTTP {resp.status}: {text[:200]} (adapter {r.adapter_id or 'base'!r})")
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("error"):
-                    result.errors.append(f"stream error: {chunk['error'].get('message')}")
-                    return
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif chunk.get("choices"):
-                    times.append(time.perf_counter())
+            pending = b""
+            async for data in resp.content.iter_any():
+                now = time.perf_counter()
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(event[6:])
+                    if chunk.get("error"):
+                        result.errors.append(f"stream error: {chunk['error'].get('message')}")
+                        return
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk.get("choices"):
+                        times.append(now)
     except Exception as e:  # a transport failure counts as this request's error, the run goes on
         result.errors.append(f"{type(e).__name__}: {e} (adapter {r.adapter_id or 'base'!r})")
         return
