@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from loramux.bench.client import run_requests
+from loramux.bench.cpu import CpuMeter
 from loramux.bench.environment import Environment
 from loramux.bench.http_client import run_http_requests
 from loramux.bench.prom import counter_delta, histogram_delta
@@ -75,7 +76,7 @@ def _served(
     arrivals = arrival_times(spec)
 
     def run(batch: list[BenchRequest] = reqs, times: list[float] | None = arrivals) -> RunResult:
-        before = target.metrics_text()
+        before, cpu = target.metrics_text(), CpuMeter(target)
         if http:
             res = run_http_requests(target.http_url, name, batch, spec.clients, times)
         else:
@@ -85,6 +86,7 @@ def _served(
         res.extra = {
             "merged_batches": counter_delta(before, after, MERGED_COUNTER),
             "adapter_loads": loads["count"] if loads else None,
+            **cpu.per_token(res.tokens),
         }
         return res
 
@@ -323,6 +325,13 @@ def _http(env: Environment) -> Suite:
         _served(env, "grpc-stream", a, mix, f"gRPC GenerateStream, {k} LoRA r{o.rank}, one mixed batch"),
         _served(env, "http-stream", a, mix, "HTTP /v1/completions SSE, the same requests", http=True),
     ]
-    ratios = [Ratio("HTTP streaming / gRPC streaming", "http-stream", "grpc-stream", goal=0.9, floor=0.9, issues=(17,))]
+    cpu = {"higher_is_better": False, "issues": (17,)}  # where the time goes: lower is leaner
+    ratios = [
+        Ratio("HTTP streaming / gRPC streaming", "http-stream", "grpc-stream", goal=0.9, floor=0.9, issues=(17,)),
+        Ratio("client CPU per token, HTTP / gRPC", "http-stream", "grpc-stream", "client_cpu_ms_per_token", **cpu),
+        Ratio("server CPU per token, HTTP / gRPC", "http-stream", "grpc-stream", "server_cpu_ms_per_token", **cpu),
+        Ratio("server event-loop thread CPU per token, HTTP / gRPC", "http-stream", "grpc-stream",
+              "server_loop_cpu_ms_per_token", **cpu),
+    ]  # fmt: skip
     title = f"the mixed workload ({o.requests} requests, {o.clients} clients) over both APIs of one server"
     return Suite("http", title, configs, ratios)

@@ -74,4 +74,6 @@ def metric(run: RunResult, name: str) -> float | None:
         return percentile(run.itl_s, 99)
     if name in ("peak_running", "max_running"):  # requests holding KV at once (sampled), and their cap
         return run.extra.get(name)
+    if name in ("client_cpu_ms_per_token", "server_cpu_ms_per_token", "server_loop_cpu_ms_per_token"):  # bench/cpu.py
+        return run.extra.get(name)
     raise ValueError(f"unknown metric {name!r}")

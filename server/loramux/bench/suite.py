@@ -36,7 +36,7 @@ class Ratio:
     name: str
     num: str  # config names
     den: str
-    metric: str = "throughput"  # throughput | itl_p50 | itl_p99 | ttft_p50 | peak_running | max_running
+    metric: str = "throughput"  # throughput, itl_p50/p99, ttft_p50, peak_running, max_running, *_cpu_ms_per_token
     den_metric: str | None = None  # the denominator's metric when it differs (default: `metric`)
     goal: float | None = None
     floor: float | None = None  # the least that counts as done (issues give a floor and a goal)

@@ -194,6 +194,18 @@ class LoramuxTarget:
             self._thread_server = None
 
     # --- what the bench asks of a server ---
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """CPU seconds (user + system) the server process has used so far: (all its threads, its main
+        thread, which runs the event loop of both APIs). None where the bench did not start it as a
+        subprocess, or without Linux's /proc."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        pid = self._proc.pid
+        try:
+            return _cpu(Path(f"/proc/{pid}/stat")), _cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
+        except (OSError, ValueError, IndexError):
+            return None
+
     def metrics_text(self) -> str | None:
         if not self.metrics_url:
             return None
@@ -233,6 +245,12 @@ class LoramuxTarget:
             pb_grpc.AdaptersStub(ch).UploadAdapter(
                 iter([pb.UploadAdapterRequest(manifest=manifest), *chunks]), timeout=300
             )
+
+
+def _cpu(stat: Path) -> float:
+    """utime + stime of a /proc stat file (fields 14 and 15; the name before them may hold spaces), in seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_serving(address: str, timeout_s: float) -> None:
