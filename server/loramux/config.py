@@ -34,7 +34,9 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 @dataclass
 class EngineConfig:
     max_running: int = 64  # requests holding KV blocks at once (prefilling or decoding)
-    max_batch_tokens: int = _flag(0, "tokens per step, the chunked-prefill budget (0 = 512 on CUDA, 64 on CPU)")
+    max_batch_tokens: int = _flag(
+        0, "a step's budget in tokens, prompt chunks at their cost (engine/step_cost.py; 0 = 512 on CUDA, 128 on CPU)"
+    )
     max_queue: int = 1024  # waiting requests; beyond it new ones get RESOURCE_EXHAUSTED
     max_model_len: int = 0  # prompt + output tokens per request; 0 = the model's context (capped at 4096)
     default_max_new_tokens: int = 128
@@ -72,12 +74,16 @@ class EngineConfig:
 def default_batch_tokens(device_type: str) -> int:
     """--max-batch-tokens 0: a step budget that keeps decoding streams steady while long prompts arrive.
 
-    A step's time grows with its tokens. On a CPU a step of 16 decodes plus a 48-token chunk
-    costs under twice a step of the decodes alone (the bench's chunked suite), so a stream's
-    per-token latency at most doubles while prompts are prefilled; on a GPU a step stays
-    launch-bound up to a few hundred tokens.
+    Prompt chunks are charged by their context (engine/step_cost.py), so every step that
+    carries a chunk costs about the decodes plus the rest of the budget. On a CPU (the
+    bench's chunked suite, --threads 1) 128 makes such a step of 16 decodes about 2.5 times
+    a step of the decodes alone and the streams' per-token p99 / p50 about 1.3 while
+    2,000-token prompts arrive; 64 made the chunks so small deep into a prompt (the gather of
+    its context is most of their cost) that the window took twice the steps, the decodes'
+    own attention grew with it, and the ratio was higher (README, Chunked prefill). On a GPU
+    a step stays launch-bound up to a few hundred tokens.
     """
-    return 512 if device_type == "cuda" else 64
+    return 512 if device_type == "cuda" else 128
 
 
 @dataclass

@@ -25,6 +25,7 @@ from loramux.engine.request import FinishReason, InvalidParameter, Request, Toke
 from loramux.engine.runner import Batch, Runner
 from loramux.engine.sampler import Sampler
 from loramux.engine.scheduler import AdapterSlots, QueueFull, Scheduler
+from loramux.engine.step_cost import StepCost
 from loramux.model import BaseModel
 
 log = logging.getLogger("loramux.engine")
@@ -62,6 +63,7 @@ class Engine:
         self.scheduler = Scheduler(
             config, self.pool, adapters, max_len=self.max_len, batch_tokens=self.batch_tokens,
             prefix=PrefixCache(self.pool, enabled=config.prefix_caching), metrics=metrics,
+            cost=StepCost.of_model(base.model, base.device.type),
         )  # fmt: skip
         self.scheduler.virtual_tokens = self.runner.virtual_tokens  # soft prompts count in budgets
         self.metrics = metrics

@@ -1,12 +1,16 @@
 """The scheduler: iteration-level batching with token, KV-block and adapter-slot budgets.
 
-Every step it drops what was cancelled or expired, then fills one step's token
-budget (`--max-batch-tokens`): every running decode gets its token; what is left of
-the budget (at least one block's worth, so prompts always progress) goes to the next
-chunks of prompts still being prefilled, oldest first, then to waiting requests in
-arrival order. A prompt longer than what is left is prefilled in chunks over several
-steps beside the running decodes. A request joins at the step after it arrives and
-leaves the step it finishes.
+Every step it drops what was cancelled or expired, then fills one step's budget
+(`--max-batch-tokens`): every running decode gets its token; what is left of the
+budget goes to the next chunks of prompts still being prefilled, oldest first, then to
+waiting requests in arrival order. A prompt longer than what is left is prefilled in
+chunks over several steps beside the running decodes. A decode counts one token, a
+prompt chunk its cost (step_cost.py: n tokens after c positions cost
+n + n·(c + (n+1)/2)/K + c/G), so a chunk deep into a long prompt gets fewer tokens than
+its first one and every step that carries a chunk costs about the same (the streams
+decoding beside it keep an even pace). The step's first chunk gets at least one block's
+worth whatever is left, so prompts always progress. A request joins at the step after
+it arrives and leaves the step it finishes.
 
 KV blocks: a request gets blocks for the positions it computes this step, after
 reusing the cached blocks of its longest prefix chain (prefix_cache.py). When a
@@ -39,6 +43,7 @@ from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.prefix_cache import PrefixCache
 from loramux.engine.request import Request, Status
 from loramux.engine.runner import Batch
+from loramux.engine.step_cost import StepCost
 
 
 class QueueFull(Exception):
@@ -87,6 +92,7 @@ class Scheduler:
         batch_tokens: int,
         prefix: PrefixCache | None = None,
         metrics: SchedulerMetrics | None = None,
+        cost: StepCost | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -94,6 +100,7 @@ class Scheduler:
         self.adapters = adapters
         self.max_len = max_len
         self.batch_tokens = batch_tokens
+        self.cost = cost or StepCost()  # what a token costs the step's budget (default: 1, plain token counts)
         self.metrics = metrics
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest is last (preempted first)
@@ -120,38 +127,40 @@ class Scheduler:
     def schedule(self, on_error: Callable[[Request, BaseException], None]) -> Batch:
         if self.adapters is not None:  # a reservation whose requests are gone must not hold a slot
             self.adapters.still_wanted({r.adapter_id for r in self.waiting if r.adapter_id})
-        # Every decode runs; prompt chunks share what is left of the budget, at least one block's worth.
+        # Every decode runs; prompt chunks share what is left of the budget (in costs, step_cost.py),
+        # the first of them at least one block's worth of tokens, so that prompts always progress.
         decodes = sum(r.seq_len - r.num_computed == 1 for r in self.running)
-        budget = max(self.batch_tokens - decodes, self.pool.block_size)
+        step = _Budget(self.batch_tokens - decodes, self.pool.block_size)
         scheduled: list[Request] = []
         preempted_before = self.preemptions
         for r in list(self.running):  # oldest first
             if r.status is not Status.RUNNING:
                 continue  # preempted for an older one in this loop
-            if r.seq_len - r.num_computed == 1:
-                n = 1
-            elif budget > 0:
-                n = self._chunk(r, r.num_computed, budget)
-                budget -= n
-            else:
+            last = r.seq_len - r.num_computed == 1  # a decode (or a prompt's last position): in `decodes`
+            n = 1 if last else self._chunk(r, r.num_computed, step)
+            if n == 0:
                 continue  # its next chunk waits for a step with budget left
             if not self._grow(r, r.num_computed + n):
                 break  # r itself was the newest: it waits with the ones preempted before it
+            if not last:
+                step.spend(self.cost.chunk(r.num_computed, n))
             r.num_scheduled = n
             scheduled.append(r)
         if self.preemptions == preempted_before:
-            self._admit(budget, scheduled, on_error)
+            self._admit(step, scheduled, on_error)
         decode = [r for r in scheduled if _is_decode(r)]
         batch = Batch(prefill=[r for r in scheduled if not _is_decode(r)], decode=decode)
         if self.adapters is not None and batch.requests:
             batch.merged_slot, batch.split_merged = self.adapters.merge_plan(batch.requests)
         return batch
 
-    def _admit(self, budget: int, scheduled: list[Request], on_error: Callable[[Request, BaseException], None]) -> None:
+    def _admit(
+        self, step: _Budget, scheduled: list[Request], on_error: Callable[[Request, BaseException], None]
+    ) -> None:
         """Admit waiting requests in arrival order while tokens, blocks, rows and slots allow."""
         slot_blocked = False
         for r in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_running:
+            if step.exhausted or len(self.running) >= self.config.max_running:
                 break
             if r.adapter_id and r.adapter_handle is None:
                 if self.adapters is None:
@@ -179,7 +188,7 @@ class Scheduler:
                     continue
             hit = self.prefix.match(r)
             computed = len(hit) * self.pool.block_size
-            n = self._chunk(r, computed, budget)
+            n = self._chunk(r, computed, step)
             need = self.pool.blocks_for(computed + n) - len(hit)
             if need > self.pool.num_free:
                 self.pool.release(hit)
@@ -199,16 +208,20 @@ class Scheduler:
                 r.first_scheduled = time.monotonic()
             self.running.append(r)
             scheduled.append(r)
-            budget -= n
+            step.spend(self.cost.chunk(computed, n))
 
-    def _chunk(self, r: Request, computed: int, budget: int) -> int:
-        """Positions `r` computes this step: the rest of its sequence, at most `budget`.
+    def _chunk(self, r: Request, computed: int, step: _Budget) -> int:
+        """Positions `r` computes this step: the rest of its sequence, as many as the step's budget affords.
 
-        A soft prompt is placed whole with at least one token after it (its virtual rows
-        are one embedding lookup, its prefix one copy), even past the budget.
+        A chunk after `computed` positions of n tokens costs `cost.chunk(computed, n)`; the
+        step's first chunk gets at least one block's worth (0: no budget left for `r`). A soft
+        prompt is placed whole with at least one token after it (its virtual rows are one
+        embedding lookup, its prefix one copy), even past the budget.
         """
         remaining = r.seq_len - computed
-        n = min(remaining, budget)
+        n = min(remaining, max(self.cost.tokens_within(computed, step.left), step.floor))
+        if n == 0:
+            return 0
         if computed < r.num_virtual:
             n = max(n, min(remaining, r.num_virtual - computed + 1))
         return n
@@ -275,6 +288,22 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
+
+
+class _Budget:
+    """What is left of one step's budget for prompt chunks, and the tokens its first chunk gets regardless."""
+
+    def __init__(self, left: float, floor: int) -> None:
+        self.left = left
+        self.floor = floor  # one block while no chunk was placed (prompts always progress), then 0
+
+    def spend(self, cost: float) -> None:
+        self.left -= cost
+        self.floor = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.floor == 0 and self.left < 1
 
 
 def _is_decode(r: Request) -> bool:
