@@ -110,3 +110,47 @@ def test_chunks_shrink_with_context_within_the_budget_and_outputs_stay_exact(tin
     assert chunks[0][1] > 2 * chunks[-2][1]  # context made the later chunks much smaller
     for r in [*streams, long]:
         assert r.output_ids == _want(reference_llama, r.prompt_ids, r.params.max_new_tokens), r.request_id
+
+
+def test_a_prefix_hit_that_the_rest_of_the_budget_cannot_pay_for_waits_a_step(tiny_llama_dir, reference_llama):
+    """A short prompt takes the step's first chunk; a request whose cached context costs more than what is
+    left is not scheduled with no tokens: it starts at the next step (where the one-block minimum holds), and every
+    token is exact."""
+    base = load_base_model(str(tiny_llama_dir), device="cpu", dtype="float32")
+    cfg = EngineConfig(max_batch_tokens=12, block_size=4, max_model_len=256)
+    engine = Engine(base, WrappedModel(base.model, num_slots=1), cfg)
+    cost = engine.scheduler.cost
+    shared = [3 + (5 * i) % 250 for i in range(64)]
+    first = Request("first", shared + [9], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    short = Request("short", [7, 8, 9], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    hit = Request("hit", shared + [11, 12], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    # what the short prompt leaves is at least a token, but less than the gather of 64 cached positions
+    assert 1 <= 12 - cost.chunk(0, 3) and cost.tokens_within(64, 12 - cost.chunk(0, 3)) == 0
+    scheduled: list[list[tuple[str, int]]] = []
+    inner = engine.runner.run
+
+    def run(batch):
+        scheduled.append([(r.request_id, r.num_scheduled) for r in batch.requests])
+        return inner(batch)
+
+    engine.runner.run = run
+
+    def enqueue(r: Request) -> None:
+        engine.validate(r)
+        engine.submit(r)
+        engine.scheduler.waiting.extend(engine._inbox)
+        engine._inbox.clear()
+
+    enqueue(first)
+    while not engine.scheduler.idle:  # its 64 positions are now 16 cached blocks
+        engine.step()
+    scheduled.clear()
+    enqueue(short)
+    enqueue(hit)
+    while not engine.scheduler.idle:
+        engine.step()
+    assert scheduled[0] == [("short", 3)]  # the hit waited: nothing was scheduled with no tokens
+    assert ("hit", 2) in scheduled[1]  # then its last 2 positions (within the one-block minimum)
+    assert hit.cached_tokens == 64
+    for r in (first, short, hit):
+        assert r.output_ids == _want(reference_llama, r.prompt_ids, r.params.max_new_tokens), r.request_id

@@ -189,6 +189,9 @@ class Scheduler:
             hit = self.prefix.match(r)
             computed = len(hit) * self.pool.block_size
             n = self._chunk(r, computed, step)
+            if n == 0:  # what is left does not pay for its cached context: it starts next step
+                self.pool.release(hit)
+                break
             need = self.pool.blocks_for(computed + n) - len(hit)
             if need > self.pool.num_free:
                 self.pool.release(hit)
