@@ -138,8 +138,9 @@ class Scheduler:
                 continue  # preempted for an older one in this loop
             last = r.seq_len - r.num_computed == 1  # a decode (or a prompt's last position): in `decodes`
             n = 1 if last else self._chunk(r, r.num_computed, step)
-            if n == 0:
-                continue  # its next chunk waits for a step with budget left
+            if n == 0:  # its next chunk waits for a step with budget left, and no later prompt passes it
+                step.left = 0.0
+                continue
             if not self._grow(r, r.num_computed + n):
                 break  # r itself was the newest: it waits with the ones preempted before it
             if not last:
