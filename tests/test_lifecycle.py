@@ -220,3 +220,18 @@ def test_sigint_on_an_idle_server_exits_0(serve_process: Callable[..., ServeProc
     p.proc.send_signal(signal.SIGINT)
     assert p.proc.wait(timeout=60) == 0
     assert "Traceback" not in p.err.read_text()
+
+
+def test_stop_ends_the_tokenizer_threads(tiny_llama_dir: Path) -> None:
+    """Both front-ends tokenize on a worker thread of their own; stopping the server ends them."""
+    before = set(threading.enumerate())
+    with ServerThread(tiny_llama_dir, http_port=0) as s:
+        s.gen.Generate(pb.GenerateRequest(prompt="tokenize me", params=pb.SamplingParams(max_new_tokens=2)), timeout=60)
+        body = json.dumps({"model": s.engine.base.name, "prompt": "and me", "max_tokens": 2}).encode()
+        post = urllib.request.Request(f"http://127.0.0.1:{s.server.http_port}/v1/completions", data=body,
+                                      headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(post, timeout=60) as resp:
+            assert resp.status == 200
+        workers = [t for t in threading.enumerate() if t not in before and t.name.startswith("loramux-tokenize")]
+        assert len(workers) == 2  # one per front-end
+    wait_until(lambda: not any(t.is_alive() for t in workers), "the tokenizer threads ended")

@@ -85,6 +85,10 @@ class Prompts:
                 f"{self.max_len} tokens (at most {self.max_chars} characters)"
             )
 
+    def close(self) -> None:
+        """Stop the tokenizer thread (the server's stop): queued work is dropped, a running call finishes."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def ids(self, msg: pb.GenerateRequest) -> list[int]:
         """The prompt's token ids, whichever of prompt, messages and prompt_token_ids it set."""
         loop = asyncio.get_running_loop()

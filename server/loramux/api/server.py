@@ -215,11 +215,20 @@ class LoramuxServer:
             await self.grpc.stop(grace)
         if self.engine is not None:
             self.engine.shutdown()
+        for prompts in self._prompts():
+            prompts.close()
         if self.cache is not None:
             self.cache.close()
         if self.metrics is not None:
             self.metrics.stop_http_server()
         self._stopped.set()
+
+    def _prompts(self) -> list:
+        """The front-ends' tokenizer workers (api/requests.py `Prompts`), once attached."""
+        http_state = getattr(self, "http_state", None)
+        found = [getattr(getattr(self, "generation", None), "prompts", None)]
+        found.append(getattr(getattr(http_state, "generation", None), "prompts", None))
+        return [p for p in found if p is not None]
 
     async def wait(self) -> None:
         await self._stopped.wait()

@@ -41,7 +41,7 @@ from typing import Protocol
 from loramux.config import EngineConfig
 from loramux.engine.kv_blocks import BlockPool
 from loramux.engine.prefix_cache import PrefixCache
-from loramux.engine.request import Request, Status
+from loramux.engine.request import InvalidParameter, Request, Status
 from loramux.engine.runner import Batch
 from loramux.engine.step_cost import StepCost
 
@@ -267,13 +267,14 @@ class Scheduler:
         r.adapter_handle, r.adapter_slot, r.num_virtual = None, -1, 0
         r.block_hashes = []
 
-    def _too_long(self, r: Request) -> ValueError | None:
+    def _too_long(self, r: Request) -> InvalidParameter | None:
         """A soft-prompted request is checked against the context once its virtual tokens are known."""
         if r.num_virtual + r.prompt_len + r.params.max_new_tokens <= self.max_len:
             return None
-        return ValueError(
+        return InvalidParameter(
+            "max_new_tokens",
             f"prompt ({r.prompt_len} tokens) + the adapter's {r.num_virtual} virtual tokens + max_new_tokens "
-            f"({r.params.max_new_tokens}) exceeds the model's context of {self.max_len} tokens"
+            f"({r.params.max_new_tokens}) exceeds the model's context of {self.max_len} tokens",
         )
 
     def finish(self, req: Request) -> None:
