@@ -41,6 +41,19 @@ def test_cuda_float32_equals_cpu_in_mixed_batches(tiny_llama_dir, tmp_path):
     assert got == want
 
 
+def test_cuda_compiled_decode_equals_cpu_eager(tiny_llama_dir):
+    """The compiled decode step on CUDA (inductor's Triton kernels): base decodes equal the CPU eager path."""
+    cases = [([5 + i, 6 + i, 7 + i, 8, 9 + i], "") for i in range(6)]
+    with ServerThread(tiny_llama_dir) as cpu:
+        want = _run(cpu, cases[:1]) + _run(cpu, cases)
+    with ServerThread(tiny_llama_dir, device="cuda", dtype="float32", compile=True) as gpu:
+        c = gpu.engine.runner.compiled
+        assert c is not None and c.enabled, c.report.error if c is not None else "no compiled step"
+        got = _run(gpu, cases[:1]) + _run(gpu, cases)
+        assert c.steps > 0
+    assert got == want
+
+
 def test_cuda_bfloat16_serves(tiny_llama_dir):
     """The CUDA default dtype (bfloat16) runs end to end; a stream joins up to the unary reply."""
     req = pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=8, ignore_eos=True))
