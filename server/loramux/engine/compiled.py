@@ -59,13 +59,14 @@ class CompiledDecode:
     def __call__(self, dynamic: list[tuple[torch.Tensor, tuple[int, ...]]], **kwargs: Any) -> Any | None:
         """The model's output, or None when no compiled graph fits (the caller runs eager).
 
-        dynamic: the forward's tensors and which of their dims vary from step to step.
+        dynamic: the forward's tensors and which of their dims vary from step to step (marked
+        while graphs compile; a compiled graph's guards check the sizes without the marks).
         """
-        for t, dims in dynamic:
-            for d in dims:
-                if t.shape[d] > 1:
-                    torch._dynamo.mark_dynamic(t, d)
         if self.warming:
+            for t, dims in dynamic:
+                for d in dims:
+                    if t.shape[d] > 1:
+                        torch._dynamo.mark_dynamic(t, d)
             return self.fn(**kwargs)
         if not self.serving:  # never warmed up (an engine driven directly, without its start-up)
             return None
