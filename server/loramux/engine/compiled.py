@@ -111,13 +111,13 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
     compiled.warming = True
     try:
         runner.compiled = None  # the prompts run eager
-        _run(runner, pool, Batch(prefill=reqs, decode=[]))
+        _run(runner, Batch(prefill=reqs, decode=[]))
         runner.compiled = compiled
         groups = ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],)
         for group, merged in [(g, False) for g in groups] + ([(g, True) for g in groups] if compiled.merged else []):
-            got = _run(runner, pool, Batch(prefill=[], decode=group, merged_as_base=merged), commit=False)
+            got = _run(runner, Batch(prefill=[], decode=group, merged_as_base=merged), commit=False)
             runner.compiled = None
-            want = _run(runner, pool, Batch(prefill=[], decode=group))
+            want = _run(runner, Batch(prefill=[], decode=group))
             runner.compiled = compiled
             err = float((got - want).abs().max())
             if not err <= tolerance(dtype) * max(float(want.abs().max()), 1.0):
@@ -139,12 +139,10 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
     return compiled.report
 
 
-def _run(runner: Any, pool: Any, batch: Any, commit: bool = True) -> torch.Tensor:
+def _run(runner: Any, batch: Any, commit: bool = True) -> torch.Tensor:
     """One forward of `batch` as the scheduler would set it up; returns its logits [rows, vocab]."""
     for r in batch.requests:
-        r.num_scheduled = r.seq_len - r.num_computed
-        while pool.block_size * len(r.block_table) < r.seq_len:
-            r.block_table.append(pool.allocate())
+        runner.schedule_rest(r)
     logits = runner.run(batch)
     if commit:
         for r, row in zip(batch.requests, logits):

@@ -75,6 +75,13 @@ class Runner:
         """
         return self._run_split(batch) if batch.split_merged else self._forward(batch)
 
+    def schedule_rest(self, r: Request) -> None:
+        """Schedule every position of `r` not yet computed, with blocks for them from this runner's pool:
+        what the scheduler does, for the forwards run before serving (self_check.py, compiled.py)."""
+        r.num_scheduled = r.seq_len - r.num_computed
+        while self.pool.block_size * len(r.block_table) < r.seq_len:
+            r.block_table.append(self.pool.allocate())
+
     @staticmethod
     def commit(r: Request) -> None:
         """Record that the last forward's K/V of `r` are in its blocks; called once the step's tokens are drawn.

@@ -89,8 +89,7 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
     prompts = check_prompts(model.config, vocab, max_len)
     # A block pool of its own, small blocks so that every sequence spans several (the engine's pool is left alone).
     longest = max(len(p) for p in prompts) + DECODE_STEPS
-    saved, pool = runner.pool, BlockPool(3 * -(-longest // CHECK_BLOCK), CHECK_BLOCK)
-    runner.pool = pool
+    saved, runner.pool = runner.pool, BlockPool(3 * -(-longest // CHECK_BLOCK), CHECK_BLOCK)
     # the eager forward is checked here; the compiled one is checked against eager when it compiles (compiled.py)
     compiled, runner.compiled = runner.compiled, None
     params = SamplingParams(max_new_tokens=DECODE_STEPS)
@@ -103,10 +102,8 @@ def self_check(runner: Runner, reference_impl: str, max_len: int, architecture: 
         got: list[tuple[str, Request, list[int], torch.Tensor]] = []
 
         def run(what: str, batch: Batch) -> None:
-            for r in batch.requests:  # what the scheduler does: every position not yet computed, and its blocks
-                r.num_scheduled = r.seq_len - r.num_computed
-                while pool.block_size * len(r.block_table) < r.seq_len:
-                    r.block_table.append(pool.allocate())
+            for r in batch.requests:
+                runner.schedule_rest(r)
             try:
                 logits = runner.run(batch)  # [len(batch.requests), vocab]
             except Exception as e:
