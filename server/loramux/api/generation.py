@@ -27,6 +27,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self.prompts: Prompts | None = None
         self.adapter_exists: Callable[[str], bool] = lambda _id: False
 
     def attach(self, engine: Engine, adapter_exists: Callable[[str], bool], bridge: EventBridge) -> None:
@@ -35,6 +36,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.prompts = Prompts(self.tokenizer, engine.max_len)
         self.adapter_exists = adapter_exists
         self.engine = engine
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (the server's stop)."""
+        if self.prompts is not None:
+            self.prompts.close()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         req, queue = await self._admit(request, context)

@@ -58,6 +58,8 @@ class LoramuxServer:
         self.port = 0
         self.metrics_port = 0
         self.http: HttpFrontend | None = None
+        self.generation: GenerationService | None = None  # the front-ends' state, made in `start`
+        self.http_state: HttpState | None = None
         self.http_port = 0
         self.metrics: Metrics | None = None
         self._metrics_http = None
@@ -215,20 +217,14 @@ class LoramuxServer:
             await self.grpc.stop(grace)
         if self.engine is not None:
             self.engine.shutdown()
-        for prompts in self._prompts():
-            prompts.close()
+        for front in (self.generation, self.http_state):
+            if front is not None:
+                front.close()  # their tokenizer threads
         if self.cache is not None:
             self.cache.close()
         if self.metrics is not None:
             self.metrics.stop_http_server()
         self._stopped.set()
-
-    def _prompts(self) -> list:
-        """The front-ends' tokenizer workers (api/requests.py `Prompts`), once attached."""
-        http_state = getattr(self, "http_state", None)
-        found = [getattr(getattr(self, "generation", None), "prompts", None)]
-        found.append(getattr(getattr(http_state, "generation", None), "prompts", None))
-        return [p for p in found if p is not None]
 
     async def wait(self) -> None:
         await self._stopped.wait()

@@ -65,6 +65,11 @@ class HttpState:
         self.generation = Generation(engine, engine.base.tokenizer, adapters.store.exists, bridge)
         self.engine = engine
 
+    def close(self) -> None:
+        """Stop the tokenizer thread (the server's stop)."""
+        if self.generation is not None:
+            self.generation.prompts.close()
+
     def adapter_for(self, model: str) -> str:
         """The adapter id a `model` field names ("" = the base model)."""
         return "" if model == self.served_name else model
