@@ -4,7 +4,8 @@ Builds the bench's synthetic model (`--preset cpu`: Llama, hidden 512, 4 layers,
 vocabulary) in a temporary directory, runs an `Engine` in this process (no server), puts
 N requests into the decode phase and times `engine.step()` over many steps, with the
 model's own forward timed by a forward hook (and around the compiled forward, `--compile`).
-Prints, per row count and sampling mode, the
+With `--adapters N` the engines are the base model and rows spread over N LoRA adapters
+(rank 16 on q, k, v, o), each eager and (`--compile`) compiled. Prints, per row count and mode, the
 milliseconds per step, of them in the forward, and the share outside it. All modes of a
 row count take turns step by step, so drift on a shared machine hits them alike:
 
@@ -63,14 +64,32 @@ class ForwardClock:
         self.total += time.perf_counter() - self._t0
 
 
-def decoding_engine(model_dir: Path, rows: int, params: SamplingParams, steps: int, compile: bool = False) -> Engine:
+def install_loras(wrapped: WrappedModel, n: int, rank: int) -> None:
+    """n random LoRA adapters of `rank` on q, k, v, o in slots 0..n-1 (seeded; their values do not matter here)."""
+    g = torch.Generator().manual_seed(0)
+    for name, layer in wrapped.linears.items():
+        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for slot in range(n):
+                a = torch.randn(rank, layer.in_features, generator=g) * 0.02
+                b = torch.randn(layer.out_features, rank, generator=g) * 0.02
+                layer.set_lora(slot, a, b)
+
+
+def decoding_engine(
+    model_dir: Path, rows: int, params: SamplingParams, steps: int, compile: bool = False, adapters: int = 0
+) -> Engine:
+    """An engine whose `rows` requests are all decoding; with `adapters`, row i on slot i % adapters."""
     base = load_base_model(str(model_dir), device="cpu", dtype="float32")
     config = EngineConfig(max_running=rows, max_model_len=512, compile=compile)
-    engine = Engine(base, WrappedModel(base.model, num_slots=1), config)
+    wrapped = WrappedModel(base.model, num_slots=max(1, adapters))
+    install_loras(wrapped, adapters, 16)
+    engine = Engine(base, wrapped, config)
     engine.compile()  # the decode graphs (a no-op without compile)
     for i in range(rows):
         p = SamplingParams(**{**params.__dict__, "max_new_tokens": steps + 8, "ignore_eos": True})
         r = Request(f"r{i}", [3 + (i * 7 + j) % 250 for j in range(16 + i % 17)], p)
+        if adapters:  # installed by hand, without an adapter cache: the slot is the request's adapter
+            r.adapter_slot = i % adapters
         engine.validate(r)
         engine.submit(r)
     with engine._cv:
@@ -88,13 +107,26 @@ def main() -> None:
     p.add_argument("--rows", default="1,64")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--compile", action="store_true", help="also a greedy engine with the compiled decode step")
+    p.add_argument(
+        "--adapters", type=int, default=0, help="N > 0: base vs rows over N LoRA r16 adapters (q, k, v, o), greedy"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_synthetic_model("cpu", Path(tmp) / "model")
         for rows in [int(x) for x in a.rows.split(",")]:
-            engines = {m: decoding_engine(model_dir, rows, sp, a.steps) for m, sp in MODES.items()}
-            if a.compile:
+            if a.adapters:  # "greedy" (the ratios' denominator) is the base model, eager
+                greedy = MODES["greedy"]
+                kinds = [(c, n) for c in (False, True)[: 1 + a.compile] for n in (0, a.adapters)]
+                engines = {
+                    ("greedy" if (c, n) == (False, 0) else f"{'c-' if c else ''}{'mixed' if n else 'base'}"): (
+                        decoding_engine(model_dir, rows, greedy, a.steps, compile=c, adapters=n)
+                    )
+                    for c, n in kinds
+                }
+            else:
+                engines = {m: decoding_engine(model_dir, rows, sp, a.steps) for m, sp in MODES.items()}
+            if a.compile and not a.adapters:
                 engines["compiled"] = decoding_engine(model_dir, rows, MODES["greedy"], a.steps, compile=True)
             clocks = {m: ForwardClock(e.runner.model, e.runner.compiled) for m, e in engines.items()}
             wall = dict.fromkeys(engines, 0.0)

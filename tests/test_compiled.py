@@ -14,15 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 from harness import Hold, ServerThread, wait_until
-from peft import LoraConfig
+from ops_helpers import scrape
+from peft import IA3Config, LoraConfig
 from peft_helpers import make_peft_adapter
 from safetensors.torch import load_file
+from test_soft_prompts import make_soft_prompt
 from transformers import AutoModelForCausalLM
 
 from loramux.model import byte_tokenizer, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+KINDS = {  # name: (config, seed); "a" and "b" share a layout, the others each bring their own kind
+    "a": (LORA, 41),
+    "b": (LORA, 42),
+    "r16": (LoraConfig(r=16, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj"]), 43),
+    "dora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True), 44),
+    "ia3": (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), 45),
+}
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 PROMPTS = [[5, 9, 200, 31], [77] * 20, list(range(3, 40)), [250, 4, 4, 9, 18, 3, 3]]
 
@@ -30,21 +39,38 @@ PROMPTS = [[5, 9, 200, 31], [77] * 20, list(range(3, 40)), [250, 4, 4, 9, 18, 3,
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("compiled-store")
-    made = {n: make_peft_adapter(tiny_llama_config(), LORA, root / n, seed=s) for n, s in (("a", 41), ("b", 42))}
+    made = {n: make_peft_adapter(tiny_llama_config(), cfg, root / n, seed=seed) for n, (cfg, seed) in KINDS.items()}
+    for i, name in enumerate(("prompt", "prefix")):  # soft prompts: compared with the eager server
+        make_soft_prompt(name, root / name, seed=50 + i)
     return root, made
 
 
 @pytest.fixture(scope="module")
 def compiled(tiny_llama_dir, store):
     with ServerThread(
-        tiny_llama_dir, store=store[0], compile=True, max_running=16, block_size=4, merged_cache_mb=8
+        tiny_llama_dir,
+        store=store[0],
+        compile=True,
+        max_running=16,
+        block_size=4,
+        merged_cache_mb=8,
+        max_device_adapters=8,
+        max_batch_tokens=512,
     ) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def eager(tiny_llama_dir, store):
-    with ServerThread(tiny_llama_dir, store=store[0], compile=False, max_running=16, block_size=4) as s:
+    with ServerThread(
+        tiny_llama_dir,
+        store=store[0],
+        compile=False,
+        max_running=16,
+        block_size=4,
+        max_device_adapters=8,
+        max_batch_tokens=512,
+    ) as s:
         yield s
 
 
@@ -70,7 +96,8 @@ def in_one_batch(s: ServerThread, reqs: list[pb.GenerateRequest]) -> list[pb.Gen
 def test_the_graphs_compile_at_start_up_and_pass_their_check(compiled, eager):
     c = compiled.engine.runner.compiled
     assert c is not None and c.enabled and c.serving and not c.warming
-    assert c.report.graphs == 4 and c.report.error == "" and c.report.seconds > 0  # base and all-merged, B = 1 and 3
+    # base, adapters and all-merged, each at B = 1 and B = 3
+    assert c.report.graphs == 6 and c.report.error == "" and c.report.seconds > 0
     assert eager.engine.runner.compiled is None  # --no-compile: nothing is wrapped
     assert compiled.engine.pool.num_used == 0  # the warm-up gave back every block it took
 
@@ -87,26 +114,33 @@ def test_base_decodes_run_compiled_and_equal_transformers(compiled, reference_ll
     assert c.misses == 0  # no step needed a graph that was not compiled at start-up
 
 
-def test_mixed_adapter_batches_give_the_same_tokens_compiled_and_eager(compiled, eager, store, reference_llama):
-    """Adapter steps run eager, base-only steps compiled, in the same requests: LoRA rows equal PEFT,
-    and seeded sampled rows equal the eager server's, token for token."""
+def test_mixed_adapter_batches_run_compiled_and_give_the_same_tokens_as_eager(compiled, eager, store, reference_llama):
+    """Rows of LoRA (two ranks, two layouts), DoRA, IA3, soft prompts and the base model in one batch: every decode
+    step runs on the adapter graph compiled before any adapter was loaded; each row equals PEFT or
+    transformers, and seeded sampled rows equal the eager server's, token for token."""
     made = store[1]
-    reqs = [
-        request(PROMPTS[0], 14, "a"),
-        request(PROMPTS[1], 6, "b"),
-        request(PROMPTS[2], 20),  # outlives the adapter rows: its last steps are base-only
+    greedy_rows = [("a", 0, 14), ("b", 1, 6), ("r16", 3, 11), ("dora", 2, 9), ("ia3", 0, 12), ("", 2, 20)]
+    reqs = [request(PROMPTS[p], n, name) for name, p, n in greedy_rows] + [
         request(PROMPTS[3], 16, temperature=0.9, top_p=0.9, top_k=20, seed=7, repetition_penalty=1.2),
         request(PROMPTS[1], 9, "a", temperature=1.0, seed=3, presence_penalty=0.5),
+        request(PROMPTS[0], 12, "prompt"),
+        request(PROMPTS[3], 10, "prefix"),
     ]
-    before = compiled.engine.runner.compiled.steps
+    for s in (compiled, eager):  # resident first, so that every prompt fits the batch's one prefill step
+        for name in [*KINDS, "prompt", "prefix"]:
+            s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id=name), timeout=120)
+    c = compiled.engine.runner.compiled
+    before = c.steps
     got = in_one_batch(compiled, reqs)
     want = in_one_batch(eager, reqs)
     assert [list(g.token_ids) for g in got] == [list(w.token_ids) for w in want]
-    assert list(got[0].token_ids) == greedy(made["a"], PROMPTS[0], 14)
-    assert list(got[1].token_ids) == greedy(made["b"], PROMPTS[1], 6)
-    assert list(got[2].token_ids) == greedy(reference_llama, PROMPTS[2], 20)
-    assert compiled.engine.runner.compiled.steps > before  # the base-only tail ran compiled
-    assert compiled.engine.runner.compiled.misses == 0
+    for (name, p, n), g in zip(greedy_rows, got):
+        assert list(g.token_ids) == greedy(made[name] if name else reference_llama, PROMPTS[p], n), name
+    assert (c.steps - before, c.misses) == (
+        19,
+        0,
+    )  # one prefill step (all prompts fit its budget), then 19 decodes: all compiled
+    assert c.misses == 0
 
 
 def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
@@ -122,7 +156,7 @@ def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with ServerThread(model_dir, store=root / "store", compile=True, max_device_adapters=2) as s:
         c = s.engine.runner.compiled
-        assert c.enabled and c.report.graphs == 2  # no merged cache: no merged graphs
+        assert c.enabled and c.report.graphs == 4  # no merged cache: base and adapter graphs only
         assert list(s.gen.Generate(request(prompts[0], 6), timeout=300).token_ids) == greedy(base, prompts[0], 6)
         assert c.steps >= 5 and c.misses == 0
         s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="bn"), timeout=60)
@@ -131,9 +165,12 @@ def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
         steps = c.steps
         assert list(s.gen.Generate(request(prompts[1], 6), timeout=300).token_ids) == greedy(base, prompts[1], 6)
         assert c.misses >= 5 and c.steps == steps  # eager, and nothing compiled while serving
+        m = scrape(s.server.metrics_port)  # the same counts, as an operator sees them
+        assert m.get("loramux_compiled_forwards_total", result="eager") == c.misses
+        assert m.get("loramux_compiled_forwards_total", result="compiled") == c.steps
 
 
-def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store):
+def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store, reference_llama):
     """A merge made while serving runs on the graphs compiled at start-up (W0 stood for its weights)."""
     made = store[1]
     c = compiled.engine.runner.compiled
@@ -146,3 +183,11 @@ def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store):
     for p, g in zip(PROMPTS, got):
         assert list(g.token_ids) == greedy(made["b"], p, 8)
     assert c.steps - before >= 11 + 7 and c.misses == misses  # every merged decode step ran compiled
+    # the merged adapter beside unmerged ones and the base model: the adapter graph (its layers undo
+    # the merged delta for the other rows, or the step splits in two forwards), equal to PEFT
+    before = c.steps
+    rows = [("b", 0, 10), ("a", 1, 8), ("", 2, 6), ("b", 3, 9)]
+    got = in_one_batch(compiled, [request(PROMPTS[p], n, name) for name, p, n in rows])
+    for (name, p, n), g in zip(rows, got):
+        assert list(g.token_ids) == greedy(made[name] if name else reference_llama, PROMPTS[p], n), name
+    assert c.steps - before >= 9 and c.misses == misses

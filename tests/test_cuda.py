@@ -41,16 +41,24 @@ def test_cuda_float32_equals_cpu_in_mixed_batches(tiny_llama_dir, tmp_path):
     assert got == want
 
 
-def test_cuda_compiled_decode_equals_cpu_eager(tiny_llama_dir):
-    """The compiled decode step on CUDA (inductor's Triton kernels): base decodes equal the CPU eager path."""
-    cases = [([5 + i, 6 + i, 7 + i, 8, 9 + i], "") for i in range(6)]
-    with ServerThread(tiny_llama_dir) as cpu:
-        want = _run(cpu, cases[:1]) + _run(cpu, cases)
-    with ServerThread(tiny_llama_dir, device="cuda", dtype="float32", compile=True) as gpu:
+def test_cuda_compiled_decode_equals_cpu_eager(tiny_llama_dir, tmp_path):
+    """The compiled decode step on CUDA (inductor's Triton kernels): base decodes, and decodes of every
+    adapter kind in one batch (the adapter graph), equal the CPU eager path."""
+    store = tmp_path / "store"
+    names = _mixed_kinds_store(store)
+    base = [([5 + i, 6 + i, 7 + i, 8, 9 + i], "") for i in range(6)]
+    mixed = [([9 + i, 4 + i, 17, 3 + 2 * i], names[i % len(names)]) for i in range(14)]
+    with ServerThread(tiny_llama_dir, store=store, max_device_adapters=8) as cpu:
+        want = _run(cpu, base[:1]) + _run(cpu, base) + _run(cpu, mixed)
+    with ServerThread(
+        tiny_llama_dir, store=store, max_device_adapters=8, device="cuda", dtype="float32", compile=True
+    ) as gpu:
         c = gpu.engine.runner.compiled
         assert c is not None and c.enabled, c.report.error if c is not None else "no compiled step"
-        got = _run(gpu, cases[:1]) + _run(gpu, cases)
-        assert c.steps > 0
+        got = _run(gpu, base[:1]) + _run(gpu, base)
+        steps = c.steps
+        got += _run(gpu, mixed)
+        assert steps > 0 and c.steps > steps and c.misses == 0
     assert got == want
 
 

@@ -147,6 +147,13 @@ class Metrics:
         )
         self.prefix_hits = counter("loramux_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.preemptions = counter("loramux_preemptions", "Running requests preempted because KV blocks ran out.")
+        self.compiled_forwards = counter(
+            "loramux_compiled_forwards",
+            "Decode forwards of a compiled engine, by what ran them: compiled, or eager when no graph fit.",
+            ("result",),
+        )
+        for result in ("compiled", "eager"):
+            self.compiled_forwards.labels(result)
 
         self.info = Info("loramux", "Build information.", registry=r)
         self._info: dict[str, str] = {
@@ -258,6 +265,10 @@ class Metrics:
 
     def preempted(self) -> None:
         self.preemptions.inc()
+
+    def compiled_forward(self, result: str) -> None:
+        """A decode forward a compiled graph could serve: `compiled`, or `eager` (no graph's guards passed)."""
+        self.compiled_forwards.labels(result).inc()
 
     def merged_batch(self, n: int = 1) -> None:
         self.merged_batches.inc(n)

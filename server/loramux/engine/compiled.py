@@ -1,17 +1,20 @@
-"""The compiled decode step: the model's forward under `torch.compile`, for decode steps of base-model rows.
+"""The compiled decode step: the model's forward under `torch.compile`, for every decode-only step.
 
-Why those steps. Dynamo specialises a compiled graph on every Python value the forward
-reads, and guards on them. A decode step whose rows all use the base model reads the
-same Python structure every step (one base segment, no prompt chunks, no soft prompt,
-no merged slot) and differs only in tensor sizes: B rows, each table nb blocks long.
+Why it can. Dynamo specialises a compiled graph on every Python value the forward reads,
+and guards on them. Three kinds of decode step read the same Python structure every step
+and differ only in tensor sizes (B rows, each table nb blocks long):
+
+- base: every row on the base model (one base segment, no merged slot);
+- all-merged: every row on one merged adapter, each wrapped layer's weight (its merged
+  copy, or W0) taken from the forward context by layer index, whatever adapter it is;
+- adapters: any other mix of slots. Here each wrapped layer is one opaque custom operator
+  (adapters/model/adapter_op.py) whose body runs the layer's eager forward: the segments,
+  stacks and plans it reads never reach dynamo.
+
 Those two sizes are marked dynamic, so one graph serves every B >= 2 and every nb >= 2
 (dynamo specialises sizes 0 and 1 wherever they occur: B = 1 gets a graph of its own, and
 the runner pads every decode table to at least `MIN_BLOCKS` blocks; padding is masked).
-A step with adapter rows reads its segments (row ranges that change every step) and the
-slots' weights, a step with prompt chunks its chunk list: those run eager, the
-reference path. Compiling those too needs an adapter formulation with no Python
-structure per step (per-row slot indices into resident stacks, as Punica's BGMV does),
-which the batched LoRA path does not have yet.
+Steps with prompt chunks run eager, the reference path.
 
 When. Every graph is compiled at start-up (`warm_up`, before the engine serves), on the
 engine's own block pool, and each compiled result is compared with the eager forward of
@@ -23,8 +26,10 @@ runs eager (`misses` counts them), so no request ever waits for a compilation.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +52,21 @@ class CompiledDecode:
     """`torch.compile(model.forward)` plus the rules for when a forward may use it."""
 
     def __init__(self, model: torch.nn.Module, merged: bool = False) -> None:
-        self.fn = torch.compile(model.forward)
+        from loramux.adapters.model import adapter_op
+
+        # dynamo keeps at most `recompile_limit` graphs per code object (8 by default) and past it runs
+        # the frame eager without a word; every model instance in the process shares the model class's
+        # code object (tests start several servers), and one engine compiles up to 6 graphs
+        limit = {"recompile_limit": 64} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
+        self.fn = torch.compile(model.forward, **limit)
         self.merged = merged  # also the graphs of all-merged decode steps (the merged cache is on)
+        self.adapters = adapter_op.available()  # also the graphs of adapter decode steps (adapter_op.py)
         self.enabled = True
         self.warming = False  # inside `warm_up`: the only time graphs compile
         self.serving = False  # set after the warm-up: from then on nothing compiles
         self.steps = 0  # decode steps run compiled
         self.misses = 0  # eligible steps no graph's guards passed (run eager)
+        self.observe: Callable[[str], None] | None = None  # told "compiled" / "eager" per eligible step (metrics)
         self.report = CompileReport()
 
     def __call__(self, dynamic: list[tuple[torch.Tensor, tuple[int, ...]]], **kwargs: Any) -> Any | None:
@@ -78,8 +91,12 @@ class CompiledDecode:
             if not isinstance(e, RecompileError) and "fail_on_recompile" not in str(e):
                 raise
             self.misses += 1
+            if self.observe is not None:
+                self.observe("eager")
             return None
         self.steps += 1
+        if self.observe is not None:
+            self.observe("compiled")
         return out
 
     def disable(self, why: str) -> None:
@@ -89,8 +106,9 @@ class CompiledDecode:
 
 
 def warm_up(runner: Any, max_len: int) -> CompileReport:
-    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3; then the same all-merged,
-    with W0 standing for every merged weight, when the merged cache is on) and check them against eager.
+    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3; base rows, then the same
+    rows through the adapter operators, then all-merged with W0 standing for every merged weight when
+    the merged cache is on) and check them against eager.
 
     Runs before the engine serves: its requests take blocks of the pool and give them all
     back. Sets `serving` once done, so that nothing compiles later; on any failure or
@@ -114,14 +132,15 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
         _run(runner, Batch(prefill=reqs, decode=[]))
         runner.compiled = compiled
         groups = ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],)
-        for group, merged in [(g, False) for g in groups] + ([(g, True) for g in groups] if compiled.merged else []):
-            got = _run(runner, Batch(prefill=[], decode=group, merged_as_base=merged), commit=False)
+        kinds = [""] + ["adapters"] * compiled.adapters + ["merged"] * compiled.merged
+        for warm, group in [(k, g) for k in kinds for g in groups]:
+            got = _run(runner, Batch(prefill=[], decode=group, warm_graph=warm), commit=False)
             runner.compiled = None
             want = _run(runner, Batch(prefill=[], decode=group))
             runner.compiled = compiled
             err = float((got - want).abs().max())
             if not err <= tolerance(dtype) * max(float(want.abs().max()), 1.0):
-                what = "merged " if merged else ""
+                what = f"{warm} " if warm else ""
                 compiled.disable(f"its {what}logits differ from eager by {err:.3g} ({len(group)} rows)")
                 break
             compiled.report.graphs += 1

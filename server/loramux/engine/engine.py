@@ -97,6 +97,8 @@ class Engine:
             raise RuntimeError("the decode step compiles before the engine starts")
         if self.runner.compiled is not None:
             warm_up(self.runner, self.max_len)
+            if self.metrics is not None:  # served steps only: the warm-up's are not counted
+                self.runner.compiled.observe = self.metrics.compiled_forward
 
     # --- API side (any thread) ---
     def validate(self, req: Request) -> None:

@@ -51,6 +51,9 @@ class AdapterContext:
     # an all-merged forward on the compiled path (engine/compiled.py): every wrapped layer's weight,
     # by the layer's `index` (its merged copy, or W0 where the adapter leaves it alone); None otherwise
     merged_weights: list[Any] | None = None
+    # a compiled adapter step (engine/compiled.py): every wrapped layer applies its adapter deltas
+    # through one opaque operator call (adapters/model/adapter_op.py) instead of tracing them
+    opaque_adapters: bool = False
     # the segments whose slot is an adapter (not BASE_SLOT), precomputed once
     adapter_segments: list[Segment] = field(init=False)
     # with a merged slot: the adapter segments of the other slots, and the (start, end) row spans of

@@ -28,9 +28,10 @@ class Batch:
     merged_slot: int = -1
     # run merged_slot's rows in a forward of their own, the other rows in a second one (adapters/cache/merge_policy.py)
     split_merged: bool = False
-    # base rows through the all-merged path with W0 as every merged weight: how the compiled
-    # merged graphs are compiled before any adapter is merged (engine/compiled.py)
-    merged_as_base: bool = False
+    # the compiled graphs' warm-up (engine/compiled.py) runs base rows through another graph's path:
+    # "merged" (W0 as every merged weight, before any adapter is merged) or "adapters" (the opaque
+    # adapter operator, before any adapter is loaded); "" for every served step
+    warm_graph: str = ""
 
     @property
     def requests(self) -> list[Request]:
@@ -143,13 +144,20 @@ class Runner:
 
         dev = self.device
         compiled = self.compiled if self.compiled is not None and self.compiled.enabled else None
-        # A step a compiled graph serves: decodes only, every row on the base model, or every row on
-        # the merged slot with every layer merged (those layers' weights then go in the context).
+        # A step a compiled graph serves: decodes only, and every row on the base model; or every row
+        # on the merged slot with every layer merged (those layers' weights then go in the context);
+        # or any other mix of slots, each wrapped layer one opaque call (adapters/model/adapter_op.py).
         merged_weights = None
-        use_compiled = compiled is not None and not chunks and all(s == m for s in row_slots)
-        if use_compiled and (m != BASE_SLOT or batch.merged_as_base):
-            merged_weights = self.wrapped.merged_weights(m) if compiled.merged else None
-            use_compiled = merged_weights is not None
+        opaque = False
+        use_compiled = compiled is not None and not chunks
+        if use_compiled:
+            warm = batch.warm_graph
+            base_only = all(s == BASE_SLOT for s in row_slots) and m == BASE_SLOT
+            if warm == "merged" or (m != BASE_SLOT and all(s == m for s in row_slots)):
+                merged_weights = self.wrapped.merged_weights(m) if compiled.merged else None
+            if merged_weights is None and (warm == "adapters" or not base_only):
+                opaque = compiled.adapters
+            use_compiled = merged_weights is not None or opaque or (base_only and not warm)
         nb = max((len(t) for t in dec_tables), default=0)
         if use_compiled:
             nb = max(nb, MIN_BLOCKS)
@@ -179,7 +187,7 @@ class Runner:
             dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
         )
-        ctx.slots, ctx.attention, ctx.merged_weights = t_row_slots, meta, merged_weights
+        ctx.slots, ctx.attention, ctx.merged_weights, ctx.opaque_adapters = t_row_slots, meta, merged_weights, opaque
         self.wrapped.holder.set(ctx)
         input_ids = t_ids[None, :]  # [1, T]
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}

@@ -20,6 +20,7 @@ from loramux.adapters.kinds.lora_batched import prepare as prepare_lora
 from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.kinds.lora_stacks import LoraStacks
 from loramux.adapters.kinds.peft_adapter import ModuleWeights
+from loramux.adapters.model.adapter_op import LayerHandle, adapter_linear
 from loramux.adapters.model.decoder_layers import find_decoder_layers
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
 
@@ -49,6 +50,8 @@ class MultiAdapterLinear(nn.Module):
         self.stacked = LoraStacks(self.in_features, self.out_features)
         # slot -> merged copy of W0 + delta (cache/merged.py); used when ctx.merged_slot is that slot
         self.merged: dict[int, MergedWeight] = {}
+        # what the opaque adapter operator is given in a compiled adapter step (adapter_op.py)
+        self.handle = LayerHandle(self)
 
     # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
     @property
@@ -75,6 +78,14 @@ class MultiAdapterLinear(nn.Module):
         if ctx is not None and ctx.merged_weights is not None:  # every row on one merged slot (compiled.py)
             w = ctx.merged_weights[self.index]
             return F.linear(x, w.weight, w.bias)
+        if ctx is not None and ctx.opaque_adapters:  # a compiled adapter step: this layer is one opaque call
+            y = adapter_linear(x.reshape(-1, self.in_features), self.handle, self.out_features)  # [tokens, out]
+            return y.view(*x.shape[:-1], self.out_features)
+        return self.eager_forward(x, ctx)
+
+    def eager_forward(self, x: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
+        """The layer's output for every row of the forward `ctx` describes: W0 (or a merged copy) and
+        each row's adapter delta. x: [..., in]; returns [..., out], base bias included."""
         merged = self._merged_for(ctx)
         if merged is not None:
             return self._forward_merged(x, ctx, merged)

@@ -1,0 +1,81 @@
+"""A wrapped layer as one opaque operator: how a compiled decode step serves rows of many adapters.
+
+A compiled graph (engine/compiled.py) specialises on every Python value the forward reads.
+The adapter arithmetic of a step reads a lot of them: the segments (which rows use which
+slot, different every step), the slots' kinds, the LoRA stacks' layout and plans, the
+merged slot and which layers it merged. Traced, each would be a guard, and almost every
+step would need a graph of its own.
+
+So in a compiled adapter step a wrapped layer does not trace its forward: it calls
+`loramux::adapter_linear(x, handle)`, a custom operator that dynamo and inductor treat as a
+black box returning [tokens, out]. `handle` is a reference-typed opaque object (torch's
+opaque objects for custom operators) pointing at the layer; the operator's body runs the
+layer's eager forward (`MultiAdapterLinear.eager_forward`) on the forward's context, read
+from the layer's holder: W0 or a merged copy, batched LoRA for plain slots on the plans the
+runner prepared, the per-segment reference for DoRA / IA3 / shifted slots, the undoing of a
+merged delta for the other rows. Exactly what an eager forward computes, so the graph
+around the layers (norms, attention, activations, the head) is the same for every mix of
+adapters: two graphs (B = 1 and B >= 2) serve every adapter decode step.
+
+Its cost is one operator call per wrapped layer: about 65 µs each on this 2-core CPU at one row
+(`scripts/profile_step.py --adapters 16 --compile`: a one-row adapter step 2.8 ms over the
+compiled base step, of which 0.9 ms is the LoRA arithmetic itself), mostly the graph splits it
+forces; which is why base-only and all-merged steps keep graphs of their own without it. `available()` is False on a torch without
+opaque objects: adapter steps then run eager.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from loramux.adapters.model.linear import MultiAdapterLinear
+
+try:
+    from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
+    from torch._opaque_base import OpaqueBase
+except ImportError:  # a torch without opaque objects for custom operators
+    OpaqueBase, register_opaque_type = object, None  # type: ignore[assignment, misc]
+
+
+class LayerHandle(OpaqueBase):  # type: ignore[misc, valid-type]
+    """What the operator is given instead of the layer: a weak reference to it (no cycle layer <-> handle)."""
+
+    def __init__(self, layer: MultiAdapterLinear) -> None:
+        self._layer = weakref.ref(layer)
+
+    def layer(self) -> MultiAdapterLinear:
+        layer = self._layer()
+        if layer is None:
+            raise RuntimeError("adapter_linear: the layer of this handle is gone")
+        return layer
+
+
+def _forward(x: torch.Tensor, handle: LayerHandle, out_features: int) -> torch.Tensor:
+    """The layer's eager forward of x [tokens, in] under the forward's context: [tokens, out_features],
+    a new tensor (out_features is the layer's, given for the graph's shape inference)."""
+    layer = handle.layer()
+    return layer.eager_forward(x, layer.holder.get())
+
+
+if register_opaque_type is not None:
+    register_opaque_type(LayerHandle, typ="reference")
+    # torch.library's low-level definition, not the custom_op decorator: the decorator wraps every
+    # call in an autograd layer this inference-only operator does not need (~2x the call's cost)
+    _LIB = torch.library.Library("loramux", "DEF")
+    _LIB.define(f"adapter_linear(Tensor x, {get_opaque_type_name(LayerHandle)} handle, int out_features) -> Tensor")
+    _LIB.impl("adapter_linear", _forward, "CompositeExplicitAutograd")
+    torch.library.register_fake(
+        "loramux::adapter_linear", lambda x, handle, out_features: x.new_empty(x.shape[0], out_features), lib=_LIB
+    )
+    adapter_linear = torch.ops.loramux.adapter_linear
+else:
+    adapter_linear = _forward
+
+
+def available() -> bool:
+    """Whether adapter steps can be compiled with this torch (it has opaque objects for custom operators)."""
+    return register_opaque_type is not None
