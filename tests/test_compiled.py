@@ -143,9 +143,11 @@ def test_mixed_adapter_batches_run_compiled_and_give_the_same_tokens_as_eager(co
     assert c.misses == 0
 
 
-def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
-    """A bottleneck adapter installed after start-up changes what every layer's hooks read, so the
-    graphs' guards fail for base steps too: those steps run eager (counted), outputs stay exact."""
+def test_bottleneck_adapters_decode_compiled_and_a_step_no_graph_fits_runs_eager(tmp_path):
+    """A bottleneck adapter loaded after start-up: its insertion points are opaque calls in the adapter
+    graph, so its steps (and base steps while it is resident) run compiled and equal the AdapterHub
+    fixture. Then a change the graphs never saw (a module put in training mode): guards fail, the steps
+    run eager (counted), outputs stay exact, and /metrics says so."""
     root = tmp_path
     model_dir = root / "base"
     shutil.copytree(FIXTURES / "llama" / "base", model_dir)
@@ -160,11 +162,21 @@ def test_a_step_no_graph_fits_runs_eager_and_is_counted(tmp_path):
         assert list(s.gen.Generate(request(prompts[0], 6), timeout=300).token_ids) == greedy(base, prompts[0], 6)
         assert c.steps >= 5 and c.misses == 0
         s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="bn"), timeout=60)
+        steps = c.steps
         got = s.gen.Generate(request(prompts[0], want.shape[1], "bn"), timeout=300)
         assert list(got.token_ids) == want[0].tolist()
-        steps = c.steps
         assert list(s.gen.Generate(request(prompts[1], 6), timeout=300).token_ids) == greedy(base, prompts[1], 6)
-        assert c.misses >= 5 and c.steps == steps  # eager, and nothing compiled while serving
+        assert c.steps - steps >= want.shape[1] - 1 + 5 and c.misses == 0  # all compiled, bottleneck resident
+
+        # attention reads `training` (its dropout; 0.0 in this config, so outputs do not change)
+        attn = s.engine.runner.model.model.layers[0].self_attn
+        attn.train()
+        try:
+            steps = c.steps
+            assert list(s.gen.Generate(request(prompts[1], 6), timeout=300).token_ids) == greedy(base, prompts[1], 6)
+            assert c.misses >= 5 and c.steps == steps  # eager, and nothing compiled while serving
+        finally:
+            attn.eval()
         m = scrape(s.server.metrics_port)  # the same counts, as an operator sees them
         assert m.get("loramux_compiled_forwards_total", result="eager") == c.misses
         assert m.get("loramux_compiled_forwards_total", result="compiled") == c.steps

@@ -152,8 +152,10 @@ class Runner:
         use_compiled = compiled is not None and not chunks
         if use_compiled:
             warm = batch.warm_graph
-            base_only = all(s == BASE_SLOT for s in row_slots) and m == BASE_SLOT
-            if warm == "merged" or (m != BASE_SLOT and all(s == m for s in row_slots)):
+            # a resident bottleneck adapter's hooks are read by the base and merged graphs: adapter graph
+            plain = not self.wrapped.has_bottleneck()
+            base_only = plain and m == BASE_SLOT and all(s == BASE_SLOT for s in row_slots)
+            if warm == "merged" or (plain and m != BASE_SLOT and all(s == m for s in row_slots)):
                 merged_weights = self.wrapped.merged_weights(m) if compiled.merged else None
             if merged_weights is None and (warm == "adapters" or not base_only):
                 opaque = compiled.adapters

@@ -7,7 +7,7 @@ merged slot and which layers it merged. Traced, each would be a guard, and almos
 step would need a graph of its own.
 
 So in a compiled adapter step a wrapped layer does not trace its forward: it calls
-`loramux::adapter_linear(x, handle)`, a custom operator that dynamo and inductor treat as a
+`loramux::adapter_linear(x, handle, out_features)`, a custom operator that dynamo and inductor treat as a
 black box returning [tokens, out]. `handle` is a reference-typed opaque object (torch's
 opaque objects for custom operators) pointing at the layer; the operator's body runs the
 layer's eager forward (`MultiAdapterLinear.eager_forward`) on the forward's context, read
@@ -17,21 +17,30 @@ merged delta for the other rows. Exactly what an eager forward computes, so the 
 around the layers (norms, attention, activations, the head) is the same for every mix of
 adapters: two graphs (B = 1 and B >= 2) serve every adapter decode step.
 
-Its cost is one operator call per wrapped layer: about 65 µs each on this 2-core CPU at one row
-(`scripts/profile_step.py --adapters 16 --compile`: a one-row adapter step 2.8 ms over the
-compiled base step, of which 0.9 ms is the LoRA arithmetic itself), mostly the graph splits it
-forces; which is why base-only and all-merged steps keep graphs of their own without it. `available()` is False on a torch without
-opaque objects: adapter steps then run eager.
+Bottleneck adapters (model/blocks.py) sit behind forward hooks on each decoder layer's norm
+and sublayer. In these steps the norm's hook only keeps its input, and the sublayer's hook
+is one `loramux::bottleneck_point(s, x, handle)` call whose body applies whatever units the
+rows' slots hold at that point (`InsertionPoint.eager_apply`), so a resident bottleneck
+adapter changes nothing the graph reads either; while one is resident, base-only and
+all-merged steps take this graph too (their own graphs read the hooks' state).
+
+Its cost is one operator call per wrapped layer and per insertion point: about 20 µs of
+dispatch each on this 2-core CPU beside its body (`scripts/profile_step.py --adapters 16
+--compile`: a one-row adapter step 2.8 ms over the compiled base step, of which 0.9 ms is the
+LoRA arithmetic itself; the rest is the calls and the graph splits they force), which is why
+base-only and all-merged steps keep graphs of their own without them.
+`available()` is False on a torch without opaque objects: adapter steps then run eager.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from loramux.adapters.model.blocks import InsertionPoint
     from loramux.adapters.model.linear import MultiAdapterLinear
 
 try:
@@ -42,23 +51,30 @@ except ImportError:  # a torch without opaque objects for custom operators
 
 
 class LayerHandle(OpaqueBase):  # type: ignore[misc, valid-type]
-    """What the operator is given instead of the layer: a weak reference to it (no cycle layer <-> handle)."""
+    """What an operator is given instead of its wrapped layer or insertion point: a weak reference to
+    it (no reference cycle between the module side and its handle)."""
 
-    def __init__(self, layer: MultiAdapterLinear) -> None:
-        self._layer = weakref.ref(layer)
+    def __init__(self, target: MultiAdapterLinear | InsertionPoint) -> None:
+        self._target = weakref.ref(target)
 
-    def layer(self) -> MultiAdapterLinear:
-        layer = self._layer()
-        if layer is None:
-            raise RuntimeError("adapter_linear: the layer of this handle is gone")
-        return layer
+    def target(self) -> Any:
+        target = self._target()
+        if target is None:
+            raise RuntimeError("loramux operator: the layer of this handle is gone")
+        return target
 
 
 def _forward(x: torch.Tensor, handle: LayerHandle, out_features: int) -> torch.Tensor:
     """The layer's eager forward of x [tokens, in] under the forward's context: [tokens, out_features],
     a new tensor (out_features is the layer's, given for the graph's shape inference)."""
-    layer = handle.layer()
+    layer = handle.target()
     return layer.eager_forward(x, layer.holder.get())
+
+
+def _bottleneck(s: torch.Tensor, x: torch.Tensor, handle: LayerHandle) -> torch.Tensor:
+    """A bottleneck insertion point's output: the sublayer's s [tokens, hidden] with each row's unit
+    applied (x [tokens, hidden]: the residual entering the sublayer's norm), as a new tensor."""
+    return handle.target().eager_apply(s, x)
 
 
 if register_opaque_type is not None:
@@ -71,9 +87,13 @@ if register_opaque_type is not None:
     torch.library.register_fake(
         "loramux::adapter_linear", lambda x, handle, out_features: x.new_empty(x.shape[0], out_features), lib=_LIB
     )
+    _LIB.define(f"bottleneck_point(Tensor s, Tensor x, {get_opaque_type_name(LayerHandle)} handle) -> Tensor")
+    _LIB.impl("bottleneck_point", _bottleneck, "CompositeExplicitAutograd")
+    torch.library.register_fake("loramux::bottleneck_point", lambda s, x, handle: torch.empty_like(s), lib=_LIB)
     adapter_linear = torch.ops.loramux.adapter_linear
+    bottleneck_point = torch.ops.loramux.bottleneck_point
 else:
-    adapter_linear = _forward
+    adapter_linear, bottleneck_point = _forward, _bottleneck
 
 
 def available() -> bool:

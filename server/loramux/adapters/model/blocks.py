@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from loramux.adapters.kinds.bottleneck import BottleneckUnit
+from loramux.adapters.model.adapter_op import LayerHandle, bottleneck_point
 from loramux.adapters.model.decoder_layers import find_decoder_layers
 from loramux.engine.forward_context import ContextHolder
 
@@ -38,6 +39,7 @@ class InsertionPoint:
         self.units: list[BottleneckUnit | None] = [None] * num_slots
         self.occupied: set[int] = set()
         self._x: torch.Tensor | None = None  # the residual entering the norm, kept only for one forward
+        self.handle = LayerHandle(self)  # what the opaque operator of compiled adapter steps is given
 
     def set(self, slot: int, unit: BottleneckUnit | None) -> None:
         if not 0 <= slot < len(self.units):
@@ -54,11 +56,22 @@ class InsertionPoint:
         return [(s.start, s.end, self.units[s.slot]) for s in ctx.adapter_segments if s.slot in self.occupied]
 
     def norm_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        ctx = self.holder.get()
+        if ctx is not None and ctx.opaque_adapters:  # a compiled adapter step: the sublayer's hook needs x
+            self._x = args[0]
+            return
         # Only hold x when this forward needs it: it is [1, tokens, hidden] per layer.
         self._x = args[0] if self.occupied and self._active() else None
 
     def sublayer_hook(self, module: nn.Module, args: tuple, output: object) -> object:
         x, self._x = self._x, None
+        ctx = self.holder.get()
+        if ctx is not None and ctx.opaque_adapters:  # a compiled adapter step: one opaque call (adapter_op.py)
+            s = output[0] if isinstance(output, tuple) else output  # [1, tokens, hidden]
+            if x is None:
+                raise RuntimeError("bottleneck point: the sublayer ran without its norm (unexpected layer structure)")
+            out = bottleneck_point(s.reshape(-1, s.shape[-1]), x.reshape(-1, x.shape[-1]), self.handle).view(s.shape)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
         active = self._active()
         if not active:
             return None
@@ -71,6 +84,14 @@ class InsertionPoint:
         for start, end, unit in active:
             out[0, start:end] = unit.delta(s[0, start:end], x[0, start:end])
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def eager_apply(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """s [tokens, hidden] with each active unit's delta on its rows (x [tokens, hidden]: the
+        residual), as a new tensor: what `loramux::bottleneck_point` computes."""
+        out = s.clone()
+        for start, end, unit in self._active():
+            out[start:end] = unit.delta(s[start:end], x[start:end])
+        return out
 
 
 class BottleneckBlock(nn.Module):

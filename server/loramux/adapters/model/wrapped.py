@@ -53,6 +53,11 @@ class WrappedModel:
         weights = [layer.merged_or_base(slot) for layer in self.linears.values()]
         return None if any(w is None for w in weights) else weights
 
+    def has_bottleneck(self) -> bool:
+        """Whether any slot holds a bottleneck unit at any insertion point (compiled steps then take the
+        adapter graph, adapters/model/adapter_op.py)."""
+        return any(p.occupied for b in self.blocks.values() for p in b.points.values())
+
     def lora_stack_nbytes(self) -> int:
         """Bytes the wrapped layers' plain-LoRA stacks hold on the device, unused capacity included."""
         return sum(layer.stacked.nbytes() for layer in self.linears.values())
