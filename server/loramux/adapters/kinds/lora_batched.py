@@ -231,7 +231,9 @@ def apply_segments(
 
     plans = ctx.memo(_plan_key(which, stacks, path), unprepared)
     plain = stacks.plain
-    segment_lora(y, x, [s for s in segments if s.slot not in plain], deltas)
+    rest = [s for s in segments if s.slot not in plain]  # DoRA, IA3, shifted-only slots: per segment
+    if rest:
+        segment_lora(y, x, rest, deltas)
     shifted = bool(stacks.shifted)
     for plan in plans:
         bk = stacks.buckets[plan.rank]

@@ -67,10 +67,12 @@ class LoraStacks:
         self.shifted: set[int] = set()  # slots with an out_shift
         # what a forward's plan depends on: per bucket (ρ, member slots). The plan memo key.
         self.layout: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        self._plain: frozenset[int] = frozenset()
 
     @property
     def plain(self) -> frozenset[int]:
-        return frozenset(self.where)
+        """The member slots (kept with the layout: read by every forward of every layer)."""
+        return self._plain
 
     def put(self, slot: int, a_t: torch.Tensor, b_t: torch.Tensor, shift: torch.Tensor | None) -> None:
         """Store slot's a_t [in, r], b_t [r, out] (and shift [out]), replacing whatever it held."""
@@ -168,3 +170,4 @@ class LoraStacks:
 
     def _relayout(self) -> None:
         self.layout = tuple((rho, tuple(bk.order)) for rho, bk in sorted(self.buckets.items()))
+        self._plain = frozenset(self.where)

@@ -34,6 +34,7 @@ base-only and all-merged steps keep graphs of their own without them.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ import torch
 if TYPE_CHECKING:
     from loramux.adapters.model.blocks import InsertionPoint
     from loramux.adapters.model.linear import MultiAdapterLinear
+
+log = logging.getLogger("loramux.compiled")
 
 try:
     from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
@@ -77,19 +80,32 @@ def _bottleneck(s: torch.Tensor, x: torch.Tensor, handle: LayerHandle) -> torch.
     return handle.target().eager_apply(s, x)
 
 
-if register_opaque_type is not None:
-    register_opaque_type(LayerHandle, typ="reference")
-    # torch.library's low-level definition, not the custom_op decorator: the decorator wraps every
-    # call in an autograd layer this inference-only operator does not need (~2x the call's cost)
-    _LIB = torch.library.Library("loramux", "DEF")
-    _LIB.define(f"adapter_linear(Tensor x, {get_opaque_type_name(LayerHandle)} handle, int out_features) -> Tensor")
-    _LIB.impl("adapter_linear", _forward, "CompositeExplicitAutograd")
-    torch.library.register_fake(
-        "loramux::adapter_linear", lambda x, handle, out_features: x.new_empty(x.shape[0], out_features), lib=_LIB
-    )
-    _LIB.define(f"bottleneck_point(Tensor s, Tensor x, {get_opaque_type_name(LayerHandle)} handle) -> Tensor")
-    _LIB.impl("bottleneck_point", _bottleneck, "CompositeExplicitAutograd")
-    torch.library.register_fake("loramux::bottleneck_point", lambda s, x, handle: torch.empty_like(s), lib=_LIB)
+def _define() -> Any | None:
+    """Register the handle type and both operators; None (and a warning) where this torch cannot."""
+    if register_opaque_type is None:
+        return None
+    try:
+        register_opaque_type(LayerHandle, typ="reference")
+        handle = get_opaque_type_name(LayerHandle)
+        # torch.library's low-level definition, not the custom_op decorator: the decorator wraps every
+        # call in an autograd layer this inference-only operator does not need (~2x the call's cost)
+        lib = torch.library.Library("loramux", "DEF")
+        lib.define(f"adapter_linear(Tensor x, {handle} handle, int out_features) -> Tensor")
+        lib.impl("adapter_linear", _forward, "CompositeExplicitAutograd")
+        torch.library.register_fake(
+            "loramux::adapter_linear", lambda x, handle, out_features: x.new_empty(x.shape[0], out_features), lib=lib
+        )
+        lib.define(f"bottleneck_point(Tensor s, Tensor x, {handle} handle) -> Tensor")
+        lib.impl("bottleneck_point", _bottleneck, "CompositeExplicitAutograd")
+        torch.library.register_fake("loramux::bottleneck_point", lambda s, x, handle: torch.empty_like(s), lib=lib)
+    except Exception as e:  # an opaque-object API that differs from torch 2.13's: adapter steps run eager
+        log.warning("adapter operators unavailable (%s: %s); adapter decode steps run eager", type(e).__name__, e)
+        return None
+    return lib
+
+
+_LIB = _define()  # kept alive: the operators live as long as their library object
+if _LIB is not None:
     adapter_linear = torch.ops.loramux.adapter_linear
     bottleneck_point = torch.ops.loramux.bottleneck_point
 else:
@@ -97,5 +113,5 @@ else:
 
 
 def available() -> bool:
-    """Whether adapter steps can be compiled with this torch (it has opaque objects for custom operators)."""
-    return register_opaque_type is not None
+    """Whether adapter steps can be compiled with this torch (its opaque objects for custom operators work)."""
+    return _LIB is not None

@@ -89,7 +89,9 @@ class MultiAdapterLinear(nn.Module):
         merged = self._merged_for(ctx)
         if merged is not None:
             return self._forward_merged(x, ctx, merged)
-        y = self.base_layer(x)
+        base = self.base_layer
+        # F.linear directly for nn.Linear: this runs once per layer per forward, the module call costs ~5 µs
+        y = base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
         if ctx is None or not ctx.adapter_segments:
             return y
         x2 = x.reshape(-1, self.in_features)  # [tokens, in]
