@@ -136,11 +136,9 @@ def test_mixed_adapter_batches_run_compiled_and_give_the_same_tokens_as_eager(co
     assert [list(g.token_ids) for g in got] == [list(w.token_ids) for w in want]
     for (name, p, n), g in zip(greedy_rows, got):
         assert list(g.token_ids) == greedy(made[name] if name else reference_llama, PROMPTS[p], n), name
-    assert (c.steps - before, c.misses) == (
-        19,
-        0,
-    )  # one prefill step (all prompts fit its budget), then 19 decodes: all compiled
-    assert c.misses == 0
+    # one prefill step (all prompts fit its budget), then 19 decode steps, each compiled (a merge the
+    # policy might start would split a step into two compiled forwards: hence >=)
+    assert c.steps - before >= 19 and c.misses == 0
 
 
 def test_bottleneck_adapters_decode_compiled_and_a_step_no_graph_fits_runs_eager(tmp_path):
