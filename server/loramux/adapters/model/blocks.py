@@ -66,30 +66,33 @@ class InsertionPoint:
     def sublayer_hook(self, module: nn.Module, args: tuple, output: object) -> object:
         x, self._x = self._x, None
         ctx = self.holder.get()
-        if ctx is not None and ctx.opaque_adapters:  # a compiled adapter step: one opaque call (adapter_op.py)
-            s = output[0] if isinstance(output, tuple) else output  # [1, tokens, hidden]
-            if x is None:
-                raise RuntimeError("bottleneck point: the sublayer ran without its norm (unexpected layer structure)")
-            out = bottleneck_point(s.reshape(-1, s.shape[-1]), x.reshape(-1, x.shape[-1]), self.handle).view(s.shape)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-        active = self._active()
-        if not active:
+        # a compiled adapter step: the units are applied inside one opaque call (adapter_op.py), which
+        # reads the segments itself; eager: the active units now, or nothing to do
+        opaque = ctx is not None and ctx.opaque_adapters
+        active = [] if opaque else self._active()
+        if not opaque and not active:
             return None
         if x is None:
             raise RuntimeError("bottleneck point: the sublayer ran without its norm (unexpected layer structure)")
         s = output[0] if isinstance(output, tuple) else output  # s: [1, tokens, hidden]
         if s.shape[0] != 1 or s.shape != x.shape:
             raise RuntimeError(f"bottleneck point expects flat rows [1, tokens, hidden]; got {tuple(s.shape)}")
-        out = s.clone()
-        for start, end, unit in active:
-            out[0, start:end] = unit.delta(s[0, start:end], x[0, start:end])
+        if opaque:
+            out = bottleneck_point(s[0], x[0], self.handle)[None]
+        else:
+            out = self._apply(s[0], x[0], active)[None]
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     def eager_apply(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What `loramux::bottleneck_point` computes: `_apply` with the units active in this forward."""
+        return self._apply(s, x, self._active())
+
+    @staticmethod
+    def _apply(s: torch.Tensor, x: torch.Tensor, active: list[tuple[int, int, BottleneckUnit]]) -> torch.Tensor:
         """s [tokens, hidden] with each active unit's delta on its rows (x [tokens, hidden]: the
-        residual), as a new tensor: what `loramux::bottleneck_point` computes."""
+        residual), as a new tensor."""
         out = s.clone()
-        for start, end, unit in self._active():
+        for start, end, unit in active:
             out[start:end] = unit.delta(s[start:end], x[start:end])
         return out
 
