@@ -42,15 +42,20 @@ def build(layers: int, slots: int) -> WrappedModel:
     cfg = tiny_llama_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=layers, num_attention_heads=8,
                             num_key_value_heads=8, max_position_embeddings=2048)  # fmt: skip
     wrapped = WrappedModel(build_from_config(cfg, seed=0), num_slots=slots)
+    install_loras(wrapped, slots)
+    return wrapped
+
+
+def install_loras(wrapped: WrappedModel, slots: int, rank: int = RANK) -> None:
+    """Seeded random LoRA weights of `rank` on TARGETS in slots 0..slots-1 (their values do not matter here)."""
     gen = torch.Generator().manual_seed(1)
     for name, layer in wrapped.linears.items():
         if name.rsplit(".", 1)[-1] not in TARGETS:
             continue
         for slot in range(slots):
-            a = torch.randn(RANK, layer.in_features, generator=gen) * 0.05
-            b = torch.randn(layer.out_features, RANK, generator=gen) * 0.05
+            a = torch.randn(rank, layer.in_features, generator=gen) * 0.05
+            b = torch.randn(layer.out_features, rank, generator=gen) * 0.05
             layer.set_lora(slot, a, b)
-    return wrapped
 
 
 def split_rows(rows: int, nseg: int, unequal: bool) -> list[int]:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_lora_kernels import install_loras  # this script's folder is on sys.path
 
 from loramux.adapters.model.wrapped import WrappedModel
 from loramux.bench.synthetic import write_synthetic_model
@@ -64,17 +65,6 @@ class ForwardClock:
         self.total += time.perf_counter() - self._t0
 
 
-def install_loras(wrapped: WrappedModel, n: int, rank: int) -> None:
-    """n random LoRA adapters of `rank` on q, k, v, o in slots 0..n-1 (seeded; their values do not matter here)."""
-    g = torch.Generator().manual_seed(0)
-    for name, layer in wrapped.linears.items():
-        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for slot in range(n):
-                a = torch.randn(rank, layer.in_features, generator=g) * 0.02
-                b = torch.randn(layer.out_features, rank, generator=g) * 0.02
-                layer.set_lora(slot, a, b)
-
-
 def decoding_engine(
     model_dir: Path, rows: int, params: SamplingParams, steps: int, compile: bool = False, adapters: int = 0
 ) -> Engine:
@@ -82,7 +72,7 @@ def decoding_engine(
     base = load_base_model(str(model_dir), device="cpu", dtype="float32")
     config = EngineConfig(max_running=rows, max_model_len=512, compile=compile)
     wrapped = WrappedModel(base.model, num_slots=max(1, adapters))
-    install_loras(wrapped, adapters, 16)
+    install_loras(wrapped, adapters)  # rank 16 on q, k, v, o (scripts/bench_lora_kernels.py)
     engine = Engine(base, wrapped, config)
     engine.compile()  # the decode graphs (a no-op without compile)
     for i in range(rows):

@@ -45,32 +45,19 @@ def store(tmp_path_factory):
     return root, made
 
 
+# both servers: every prompt of the mixed batch fits one prefill step, every adapter a device slot
+SERVED = dict(max_running=16, block_size=4, max_device_adapters=8, max_batch_tokens=512)
+
+
 @pytest.fixture(scope="module")
 def compiled(tiny_llama_dir, store):
-    with ServerThread(
-        tiny_llama_dir,
-        store=store[0],
-        compile=True,
-        max_running=16,
-        block_size=4,
-        merged_cache_mb=8,
-        max_device_adapters=8,
-        max_batch_tokens=512,
-    ) as s:
+    with ServerThread(tiny_llama_dir, store=store[0], compile=True, merged_cache_mb=8, **SERVED) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def eager(tiny_llama_dir, store):
-    with ServerThread(
-        tiny_llama_dir,
-        store=store[0],
-        compile=False,
-        max_running=16,
-        block_size=4,
-        max_device_adapters=8,
-        max_batch_tokens=512,
-    ) as s:
+    with ServerThread(tiny_llama_dir, store=store[0], compile=False, **SERVED) as s:
         yield s
 
 
