@@ -131,9 +131,15 @@ def test_waiting_for_a_slot_is_fair(store, tiny_llama_dir):
         later = threading.Thread(target=run, args=("lora-later", req([9, 10], 4, "lora-attn")))
         later.start()
         wait_until(lambda: s.engine.num_waiting == 2, "the later request to be queued behind dora")
+        queued = {r.prompt_ids[0]: r for r in [*s.engine.scheduler.waiting, *s.engine._inbox]}  # engine held
         hold.release()
         for _ in first:
             pass
         waiting.join(120)
         later.join(120)
-    assert done == ["dora", "lora-later"]
+    assert sorted(done) == ["dora", "lora-later"]
+    # the order on the engine's own clock, step by step (the client threads may wake in either order):
+    # the later request's first token comes after dora's last one
+    dora, again = queued[7], queued[9]
+    assert dora.last_token_at is not None and again.first_token_at is not None
+    assert dora.last_token_at < again.first_token_at
