@@ -9,6 +9,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
 
 from loramux.engine.attention_math import attend, decode_mask, unsupported_kwargs, visible
 
@@ -74,6 +75,22 @@ def test_causal_flag_equals_the_causal_mask():
     for feats in (dict(), dict(softcap=1.0), dict(sinks=torch.zeros(4))):
         torch.testing.assert_close(attend(q, k, v, None, 0.3, causal=True, **feats),
                                    attend(q, k, v, visible(pos, pos, None), 0.3, **feats))  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_decode_equals_llama_eager(kv_heads):
+    # one query per row over keys of different lengths: attend's decode form (the query heads of a KV
+    # head as queries of it) against transformers' repeat_kv attention, MHA (kv_heads = heads) too
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 1, 8, generator=gen)  # [B, heads, 1, d]
+    k = torch.randn(3, kv_heads, 9, 8, generator=gen)  # [B, kv_heads, L, d]
+    v = torch.randn(3, kv_heads, 9, 8, generator=gen)
+    mask = decode_mask(torch.tensor([9, 4, 1]), keys=9, window=None)  # [B, 1, 1, 9]
+    module = types.SimpleNamespace(num_key_value_groups=4 // kv_heads, training=False)
+    want, _ = llama_eager(module, q, k, v, _additive(mask), scaling=0.35)
+    got = attend(q, k, v, mask, scale=0.35)
+    torch.testing.assert_close(got.transpose(1, 2), want)
+    assert not torch.allclose(got[:, 0], got[:, 1])  # the heads differ: no head reads another's query
 
 
 def test_unknown_attention_arguments_are_named():
