@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from loramux.adapters.kinds.peft_adapter import ModuleWeights
 from loramux.engine.forward_context import Segment
 
 
@@ -39,6 +40,42 @@ class SlotDelta:
     def nbytes(self) -> int:
         # w_t is the base model's own weight, not held by the slot
         return sum(t.nbytes for f in fields(self) if f.name != "w_t" and (t := getattr(self, f.name)) is not None)
+
+
+def fold(p: ModuleWeights, base_bias: torch.Tensor | None, base_cols: torch.Tensor) -> SlotDelta | None:
+    """One slot's parts in one layer folded into the `SlotDelta` its forward applies (None: nothing).
+
+    base_bias: the layer's own bias [out] or None; base_cols: W0 as [in, out] (a view, for IA3 on a
+    feed-forward module).
+    """
+    d = SlotDelta()
+    shift = p.bias_delta
+    if p.lora_bias is not None:
+        shift = p.lora_bias if shift is None else shift + p.lora_bias
+    if p.a is not None and p.b is not None:
+        b = p.b
+        if p.dora_g is not None:
+            # PEFT DoRA: out = b_eff + g ⊙ (x·W0ᵀ + s·x·Aᵀ·Bᵀ), b_eff the (replaced) base bias.
+            # From y = x·W0ᵀ + b_old: out = g ⊙ y + (b_eff - g ⊙ b_old), and g folds into B.
+            g = p.dora_g
+            d.out_scale = g
+            b = g[:, None] * b
+            if base_bias is not None:
+                corr = base_bias * (1 - g)
+                shift = corr if shift is None else shift + corr
+        d.a_t = p.a.t().contiguous()  # [in, r]
+        d.b_t = b.t().contiguous()  # [r, out]
+    if p.ia3 is not None:
+        if p.ia3_feedforward:
+            # base(x ⊙ l) = y + (x ⊙ (l - 1))·W0ᵀ: no copy of W0 per slot
+            d.in_scale = p.ia3 - 1
+            d.w_t = base_cols
+        else:
+            # PEFT scales the whole output, bias included
+            d.out_scale = p.ia3 if d.out_scale is None else d.out_scale * p.ia3
+    d.out_shift = shift
+    empty = d.a_t is None and d.in_scale is None and d.out_scale is None and d.out_shift is None
+    return None if empty else d
 
 
 def segment_lora(

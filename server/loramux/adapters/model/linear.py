@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramux.adapters.kinds.lora import MergedWeight, SlotDelta, segment_unmerge
+from loramux.adapters.kinds.lora import MergedWeight, SlotDelta, fold, segment_unmerge
 from loramux.adapters.kinds.lora_batched import apply_segments
 from loramux.adapters.kinds.lora_batched import prepare as prepare_lora
 from loramux.adapters.kinds.lora_plan import HostIndices
@@ -52,6 +52,8 @@ class MultiAdapterLinear(nn.Module):
         self.merged: dict[int, MergedWeight] = {}
         # what the opaque adapter operator is given in a compiled adapter step (adapter_op.py)
         self.handle = LayerHandle(self)
+        # whether any slot holds something here: a layer no adapter targets is W0 alone, with no per-row work
+        self.holding = False
 
     # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
     @property
@@ -86,13 +88,18 @@ class MultiAdapterLinear(nn.Module):
     def eager_forward(self, x: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
         """The layer's output for every row of the forward `ctx` describes: W0 (or a merged copy) and
         each row's adapter delta. x: [..., in]; returns [..., out], base bias included."""
+        base = self.base_layer
+        # W0 alone: a forward of base rows only (checked first: the compiled base graph traces this and
+        # must not guard on what the slots hold), or a layer no slot holds anything in (gate_proj of a
+        # q, v LoRA, ...)
+        if ctx is None or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT) or not self.holding:
+            return base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
         merged = self._merged_for(ctx)
         if merged is not None:
             return self._forward_merged(x, ctx, merged)
-        base = self.base_layer
         # F.linear directly for nn.Linear: this runs once per layer per forward, the module call costs ~5 µs
         y = base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
-        if ctx is None or not ctx.adapter_segments:
+        if not ctx.adapter_segments:
             return y
         x2 = x.reshape(-1, self.in_features)  # [tokens, in]
         y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
@@ -104,6 +111,8 @@ class MultiAdapterLinear(nn.Module):
     def prepare(self, ctx: AdapterContext, host: HostIndices) -> None:
         """Before the forward: plan the batched LoRA this layer's forward will run (the runner puts
         the plans' indices into its one copy); layers of one stack layout share one plan."""
+        if not self.holding:
+            return
         if self._merged_for(ctx) is not None:
             which = "others" if ctx.other_spans else None
         else:
@@ -181,6 +190,7 @@ class MultiAdapterLinear(nn.Module):
         self.deltas[slot] = None
         self._unstack(slot)
         self.merged.pop(slot, None)
+        self._update_holding()
 
     def parts(self, slot: int) -> ModuleWeights | None:
         """What is installed in `slot` (read-only; cache/merged_weights.py merges from it)."""
@@ -247,41 +257,19 @@ class MultiAdapterLinear(nn.Module):
         if p is None:
             self.deltas[slot] = None
             self._unstack(slot)
+            self._update_holding()
             return
-        d = SlotDelta()
-        shift = p.bias_delta
-        if p.lora_bias is not None:
-            shift = p.lora_bias if shift is None else shift + p.lora_bias
-        if p.a is not None and p.b is not None:
-            b = p.b
-            if p.dora_g is not None:
-                # PEFT DoRA: out = b_eff + g ⊙ (x·W0ᵀ + s·x·Aᵀ·Bᵀ), b_eff the (replaced) base bias.
-                # From y = x·W0ᵀ + b_old: out = g ⊙ y + (b_eff - g ⊙ b_old), and g folds into B.
-                g = p.dora_g
-                d.out_scale = g
-                b = g[:, None] * b
-                base_bias = self.base_layer.bias
-                if base_bias is not None:
-                    corr = base_bias * (1 - g)
-                    shift = corr if shift is None else shift + corr
-            d.a_t = p.a.t().contiguous()  # [in, r]
-            d.b_t = b.t().contiguous()  # [r, out]
-        if p.ia3 is not None:
-            if p.ia3_feedforward:
-                # base(x ⊙ l) = y + (x ⊙ (l - 1))·W0ᵀ: no copy of W0 per slot
-                d.in_scale = p.ia3 - 1
-                d.w_t = self.base_weight_cols()
-            else:
-                # PEFT scales the whole output, bias included
-                d.out_scale = p.ia3 if d.out_scale is None else d.out_scale * p.ia3
-        d.out_shift = shift
-        empty = d.a_t is None and d.in_scale is None and d.out_scale is None and d.out_shift is None
-        self.deltas[slot] = None if empty else d
-        if d.a_t is not None and d.b_t is not None and d.in_scale is None and d.out_scale is None:
+        d = fold(p, self.base_layer.bias, self.base_weight_cols())
+        self.deltas[slot] = d
+        self._update_holding()
+        if d is not None and d.a_t is not None and d.b_t is not None and d.in_scale is None and d.out_scale is None:
             self.stacked.put(slot, d.a_t, d.b_t, d.out_shift)
             self._repoint()
         else:
             self._unstack(slot)
+
+    def _update_holding(self) -> None:
+        self.holding = any(d is not None for d in self.deltas) or bool(self.merged)
 
     def _unstack(self, slot: int) -> None:
         if slot in self.stacked.where:
