@@ -186,3 +186,21 @@ def test_no_plots_without_matplotlib(bench_out, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `plots` extra were not installed
     assert plot(result, tmp_path) == []
     assert not list(tmp_path.iterdir())
+
+
+def test_ranks_suite_times_wall_and_cpu_and_checks_against_peft():
+    # the in-process rank sweep on the tiny preset: one rank and a mix (which needs 5 adapters); it
+    # raises if loramux's logits differ from PEFT's, and reports both clocks (no timing claims)
+    from loramux.bench.ranks import RankBench, markdown
+
+    opts = BenchOptions(preset="tiny", suites=("ranks",), rounds=1, rank_sweep=(4,), rank_adapters=(5,),
+                        rank_rows=10, rank_reps=1)  # fmt: skip
+    res = RankBench(opts).run()
+    assert [(r["adapters"], r["ranks"]) for r in res["results"]] == [(5, "4"), (5, "mix")]
+    for r in res["results"]:
+        for t in (r, r["cpu"]):
+            assert t["mixed_over_base"] > 0 and t["mixed_over_peft"] > 0 and t["ms"]["mixed"] > 0
+        assert 0 < r["ceiling"] < 1 and r["bytes_over_base"] > 0
+    assert res["results"][1]["cpu"]["separate_over_mix"] > 0
+    md = "\n".join(markdown(res))
+    assert md.count("| 5 | mix |") == 2 and "CPU time of the timing thread" in md

@@ -11,8 +11,15 @@ side in interleaved rounds (ratios taken within a round, medians reported):
 - separate (the mix only): each rank's rows in a forward of their own, summed.
 
 FLOP ceiling = base MACs ÷ (base + LoRA MACs) per row: what mixed ÷ base throughput can
-reach if LoRA cost only its arithmetic. The first round also checks that loramux's logits
-equal PEFT's (the figures compare the same computation).
+reach if LoRA cost only its arithmetic. Beside it, the adapters' weights a forward reads ÷ the
+base model's (every adapter's A and B once): where that is large and each adapter has few rows,
+the LoRA work is bound by memory traffic, not by FLOPs, and the FLOP ceiling is out of reach.
+The first round also checks that loramux's logits equal PEFT's (the figures compare the same computation).
+
+Each timing is taken twice: wall time, and the CPU time of this thread. With one torch
+thread (`--threads 1`) every op runs on the calling thread, so its CPU time is the work
+itself and does not count the time slices other processes take on a shared machine; the
+CPU-time ratio is then the steadier one (it still moves with cache and memory contention).
 """
 
 from __future__ import annotations
@@ -144,33 +151,48 @@ class RankBench:
         if label == "mix":
             for r in sorted(set(ranks)):
                 separate.append(lora_fwd([s for s in row_slots if ranks[s] == r]))
-        times: dict[str, list[float]] = {k: [] for k in [*variants, *(["separate"] if separate else [])]}
+        keys = [*variants, *(["separate"] if separate else [])]
+        times: dict[str, list[float]] = {k: [] for k in keys}  # wall seconds per forward, per round
+        cpu: dict[str, list[float]] = {k: [] for k in keys}  # this thread's CPU seconds per forward
         reps = self.opts.rank_reps
         for k in range(rounds):
             order = list(variants.items())
             order = order[k % len(order) :] + order[: k % len(order)]
             for name, fn in order:
-                times[name].append(_time(fn, reps))
+                wall, used = _time(fn, reps)
+                times[name].append(wall)
+                cpu[name].append(used)
             if separate:
-                times["separate"].append(sum(_time(fn, reps) for fn in separate))
+                each = [_time(fn, reps) for fn in separate]
+                times["separate"].append(sum(w for w, _ in each))
+                cpu["separate"].append(sum(c for _, c in each))
         lora_macs = sum(r * (a.shape[1] + b.shape[0]) for per in weights.values() for (a, b), r in zip(per, ranks))
         base_macs = _macs(base_model)
         out = {
             "adapters": n, "ranks": label, "ceiling": base_macs / (base_macs + lora_macs / n),
+            # weights a forward reads: every adapter's A and B once, against the base's (one element per MAC)
+            "bytes_over_base": lora_macs / base_macs,
             "mixed_over_base": _median_ratio(times["base"], times["mixed"]),
             "mixed_over_peft": _median_ratio(times["peft"], times["mixed"]) if "peft" in times else None,
             "separate_over_mix": _median_ratio(times["separate"], times["mixed"]) if separate else None,
             "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "cpu": {
+                "mixed_over_base": _median_ratio(cpu["base"], cpu["mixed"]),
+                "mixed_over_peft": _median_ratio(cpu["peft"], cpu["mixed"]) if "peft" in cpu else None,
+                "separate_over_mix": _median_ratio(cpu["separate"], cpu["mixed"]) if separate else None,
+                "ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
+            },
         }  # fmt: skip
         return out
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
+def _time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) per call of `fn`, over `reps` calls after a warm one."""
     fn()  # warm: plans, caches
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps, (time.thread_time() - c0) / reps
 
 
 def _median_ratio(num_times: list[float], den_times: list[float]) -> float:
@@ -182,15 +204,24 @@ def markdown(res: dict) -> list[str]:
     lines = [f"## ranks: {res['title']}", "",
              f"{res['rows']} decode rows over N adapters, LoRA on {', '.join(res['targets'])}, path "
              f"`{res['path']}`; {res['rounds']} interleaved rounds, medians of per-round ratios. "
-             "mixed ÷ base and ÷ PEFT are throughput ratios; the ceiling is base MACs ÷ (base + LoRA MACs).", "",
-             "| adapters | ranks | mixed ÷ base | FLOP ceiling | of ceiling | mixed ÷ PEFT | separate ÷ mix |"
-             " base / mixed / PEFT (ms) |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-    for r in res["results"]:
-        ms = r["ms"]
-        peft = "-" if r["mixed_over_peft"] is None else f"{r['mixed_over_peft']:.2f}"
-        sep = "-" if r["separate_over_mix"] is None else f"{r['separate_over_mix']:.2f}"
-        lines.append(f"| {r['adapters']} | {r['ranks']} | {r['mixed_over_base']:.2f} | {r['ceiling']:.2f} | "
-                     f"{r['mixed_over_base'] / r['ceiling']:.2f} | {peft} | {sep} | {ms['base']:.1f} / "
-                     f"{ms['mixed']:.1f} / {ms.get('peft', float('nan')):.1f} |")  # fmt: skip
-    return [*lines, ""]
+             "mixed ÷ base and ÷ PEFT are throughput ratios; the ceiling is base MACs ÷ (base + LoRA MACs). "
+             "The first table times wall clock, the second this thread's CPU time (steadier with one torch "
+             "thread on a shared machine).", ""]  # fmt: skip
+    for clock in ("wall", "cpu"):
+        lines += [f"{'Wall time' if clock == 'wall' else 'CPU time of the timing thread'}:", "",
+                  "| adapters | ranks | mixed ÷ base | FLOP ceiling | of ceiling | adapter ÷ base bytes | mixed ÷ PEFT"
+                  " | separate ÷ mix | base / mixed / PEFT (ms) |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+        for r in res["results"]:
+            t = r if clock == "wall" else r.get("cpu")
+            if t is None:  # a result written before CPU times were taken
+                continue
+            ms = t["ms"]
+            peft = "-" if t["mixed_over_peft"] is None else f"{t['mixed_over_peft']:.2f}"
+            sep = "-" if t["separate_over_mix"] is None else f"{t['separate_over_mix']:.2f}"
+            byt = f"{r['bytes_over_base']:.2f}" if "bytes_over_base" in r else "-"
+            lines.append(f"| {r['adapters']} | {r['ranks']} | {t['mixed_over_base']:.2f} | {r['ceiling']:.2f} | "
+                         f"{t['mixed_over_base'] / r['ceiling']:.2f} | {byt} | {peft} | {sep} | {ms['base']:.1f} / "
+                         f"{ms['mixed']:.1f} / {ms.get('peft', float('nan')):.1f} |")  # fmt: skip
+        lines.append("")
+    return lines
