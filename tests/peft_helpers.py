@@ -84,6 +84,16 @@ def greedy(step_logits, prompt: torch.Tensor, steps: int) -> list[int]:
     return out
 
 
+def transformers_greedy(model: PreTrainedModel, ids: list[int], n: int) -> list[int]:
+    """The oracle's greedy continuation: `generate` with sampling off, EOS ignored (n new token ids)."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
 def wrapped_greedy(wrapped: WrappedModel, slot: int, prompt: torch.Tensor, steps: int) -> list[int]:
     return greedy(lambda ids: mixed_logits(wrapped, [ids], [slot])[0], prompt, steps)
 

@@ -16,6 +16,7 @@ import torch
 from architectures import ARCHS, Arch
 from harness import Hold, ServerThread, wait_until
 from peft import LoraConfig, get_peft_model
+from peft_helpers import transformers_greedy
 from transformers import AutoModelForCausalLM
 
 from loramux.model import byte_tokenizer
@@ -35,12 +36,7 @@ def build(config, seed: int = 0):  # noqa: ANN001, ANN201
 
 
 def greedy(model, ids: list[int], n: int = STEPS) -> list[int]:  # noqa: ANN001
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(ids) :].tolist()
+    return transformers_greedy(model, ids, n)
 
 
 def req(ids: list[int], adapter: str = "") -> pb.GenerateRequest:

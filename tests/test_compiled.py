@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from harness import Hold, ServerThread, wait_until
 from ops_helpers import scrape
 from peft import IA3Config, LoraConfig
-from peft_helpers import make_peft_adapter
+from peft_helpers import make_peft_adapter, transformers_greedy
 from safetensors.torch import load_file
 from test_soft_prompts import make_soft_prompt
 from transformers import AutoModelForCausalLM
@@ -61,10 +60,7 @@ def eager(tiny_llama_dir, store):
         yield s
 
 
-def greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids) :].tolist()
+greedy = transformers_greedy
 
 
 def request(ids: list[int], n: int, adapter: str = "", **params: object) -> pb.GenerateRequest:

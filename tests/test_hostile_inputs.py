@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness import ServerThread
 from peft import LoraConfig
-from peft_helpers import make_peft_adapter
+from peft_helpers import make_peft_adapter, transformers_greedy
 from safetensors.torch import load, save
 
 from loramux.adapters.store.safetensors_check import InvalidWeightsFile, check_safetensors
@@ -59,10 +59,7 @@ def refusal(fn, *args, **kw) -> grpc.RpcError:  # noqa: ANN001
 
 
 def greedy(model: torch.nn.Module, n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)  # fmt: skip
-    return out[0, len(PROMPT) :].tolist()
+    return transformers_greedy(model, PROMPT, n)
 
 
 def req(adapter: str = "", n: int = 6, **kw: object) -> pb.GenerateRequest:

@@ -30,7 +30,7 @@ import pytest
 import torch
 from harness import ServerThread, wait_until
 from peft import IA3Config, LoraConfig
-from peft_helpers import make_peft_adapter
+from peft_helpers import make_peft_adapter, transformers_greedy
 
 from loramux.model import tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
@@ -54,10 +54,7 @@ def rss_mb() -> float:
 
 
 def greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)  # fmt: skip
-    return out[0, len(ids) :].tolist()
+    return transformers_greedy(model, ids, N)
 
 
 class Soak:
