@@ -172,16 +172,8 @@ class RankBench:
             "adapters": n, "ranks": label, "ceiling": base_macs / (base_macs + lora_macs / n),
             # weights a forward reads: every adapter's A and B once, against the base's (one element per MAC)
             "bytes_over_base": lora_macs / base_macs,
-            "mixed_over_base": _median_ratio(times["base"], times["mixed"]),
-            "mixed_over_peft": _median_ratio(times["peft"], times["mixed"]) if "peft" in times else None,
-            "separate_over_mix": _median_ratio(times["separate"], times["mixed"]) if separate else None,
-            "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "cpu": {
-                "mixed_over_base": _median_ratio(cpu["base"], cpu["mixed"]),
-                "mixed_over_peft": _median_ratio(cpu["peft"], cpu["mixed"]) if "peft" in cpu else None,
-                "separate_over_mix": _median_ratio(cpu["separate"], cpu["mixed"]) if separate else None,
-                "ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
-            },
+            **_summary(times),
+            "cpu": _summary(cpu),
         }  # fmt: skip
         return out
 
@@ -193,6 +185,16 @@ def _time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) / reps, (time.thread_time() - c0) / reps
+
+
+def _summary(times: dict[str, list[float]]) -> dict:
+    """One clock's ratios (medians of per-round ratios) and median milliseconds per configuration."""
+    return {
+        "mixed_over_base": _median_ratio(times["base"], times["mixed"]),
+        "mixed_over_peft": _median_ratio(times["peft"], times["mixed"]) if "peft" in times else None,
+        "separate_over_mix": _median_ratio(times["separate"], times["mixed"]) if "separate" in times else None,
+        "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+    }
 
 
 def _median_ratio(num_times: list[float], den_times: list[float]) -> float:
