@@ -88,17 +88,15 @@ class MultiAdapterLinear(nn.Module):
     def eager_forward(self, x: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
         """The layer's output for every row of the forward `ctx` describes: W0 (or a merged copy) and
         each row's adapter delta. x: [..., in]; returns [..., out], base bias included."""
-        base = self.base_layer
         # W0 alone: a forward of base rows only (checked first: the compiled base graph traces this and
         # must not guard on what the slots hold), or a layer no slot holds anything in (gate_proj of a
         # q, v LoRA, ...)
         if ctx is None or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT) or not self.holding:
-            return base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
+            return self._base_out(x)
         merged = self._merged_for(ctx)
         if merged is not None:
             return self._forward_merged(x, ctx, merged)
-        # F.linear directly for nn.Linear: this runs once per layer per forward, the module call costs ~5 µs
-        y = base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
+        y = self._base_out(x)
         if not ctx.adapter_segments:
             return y
         x2 = x.reshape(-1, self.in_features)  # [tokens, in]
@@ -107,6 +105,12 @@ class MultiAdapterLinear(nn.Module):
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
         apply_segments(y2, x2, ctx, ctx.adapter_segments, self.deltas, self.stacked, "all")
         return y
+
+    def _base_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x·W0ᵀ + b [..., out]: F.linear directly for nn.Linear (once per layer per forward; the
+        module call costs ~5 µs more)."""
+        base = self.base_layer
+        return base(x) if self.is_conv1d else F.linear(x, base.weight, base.bias)
 
     def prepare(self, ctx: AdapterContext, host: HostIndices) -> None:
         """Before the forward: plan the batched LoRA this layer's forward will run (the runner puts
