@@ -184,3 +184,27 @@ def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store, refe
     for (name, p, n), g in zip(rows, got):
         assert list(g.token_ids) == greedy(made[name] if name else reference_llama, PROMPTS[p], n), name
     assert c.steps - before >= 9 and c.misses == misses
+
+
+def test_one_row_projections_compile_to_a_fused_multiply_and_sum_and_more_rows_to_mm():
+    """On CPU a one-row graph's matrix-vector products become inductor's fused reduction
+    (`inductor_options`), equal to eager; a graph of a dynamic row count keeps `mm`."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from loramux.engine.compiled import CompiledDecode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+    c = CompiledDecode(model)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        c.warming = True
+        one = torch.randn(1, 64)
+        assert torch.allclose(c([], input=one), model(one), atol=1e-5, rtol=1e-5)
+        fused = counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"]
+        assert fused == 2  # both projections of the one-row graph
+        rows = torch.randn(5, 64)
+        assert torch.allclose(c([(rows, (0,))], input=rows), model(rows), atol=1e-5, rtol=1e-5)
+        assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] == fused
