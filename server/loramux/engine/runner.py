@@ -189,6 +189,8 @@ class Runner:
             dec_lengths=t_lens if dec_lens else None,
             prefills=prefills,
         )
+        if opaque:  # the adapter graph multiplies by each layer's weight for this step, then adds the deltas
+            merged_weights = self.wrapped.step_weights(ctx)
         ctx.slots, ctx.attention, ctx.merged_weights, ctx.opaque_adapters = t_row_slots, meta, merged_weights, opaque
         self.wrapped.holder.set(ctx)
         input_ids = t_ids[None, :]  # [1, T]

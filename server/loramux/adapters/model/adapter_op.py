@@ -6,21 +6,25 @@ slot, different every step), the slots' kinds, the LoRA stacks' layout and plans
 merged slot and which layers it merged. Traced, each would be a guard, and almost every
 step would need a graph of its own.
 
-So in a compiled adapter step a wrapped layer does not trace its forward: it calls
-`loramux::adapter_linear(x, handle, out_features)`, a custom operator that dynamo and inductor treat as a
-black box returning [tokens, out]. `handle` is a reference-typed opaque object (torch's
-opaque objects for custom operators) pointing at the layer; the operator's body runs the
-layer's eager forward (`MultiAdapterLinear.eager_forward`) on the forward's context, read
-from the layer's holder: W0 or a merged copy, batched LoRA for plain slots on the plans the
+So in a compiled adapter step a wrapped layer traces only its product with one weight, and
+adds the rows' deltas with one opaque call: `y = x · W` (W: the layer's weight for this step,
+taken from the forward's context by layer index, its merged copy or W0), then
+`loramux::adapter_delta(x, y, handle)`, a custom operator that dynamo and inductor treat as a
+black box that adds into y in place. `handle` is a reference-typed opaque object (torch's
+opaque objects for custom operators) pointing at the layer; the operator's body adds what the
+layer's eager forward adds on top of that product (`MultiAdapterLinear.add_deltas`), on the
+forward's context read from the layer's holder: batched LoRA for plain slots on the plans the
 runner prepared, the per-segment reference for DoRA / IA3 / shifted slots, the undoing of a
-merged delta for the other rows. Exactly what an eager forward computes, so the graph
-around the layers (norms, attention, activations, the head) is the same for every mix of
-adapters: two graphs (B = 1 and B >= 2) serve every adapter decode step.
+merged delta for the other rows. Exactly what an eager forward computes, so the graph around
+the deltas (the base products, norms, attention, activations, the head) is the same for every
+mix of adapters: two graphs (B = 1 and B >= 2) serve every adapter decode step. The base
+products being traced, the one-row graph's are inductor's fused matrix-vector products, as in
+the base graph (engine/compiled.py, `inductor_options`).
 
 Bottleneck adapters (model/blocks.py) sit behind forward hooks on each decoder layer's norm
 and sublayer. In these steps the norm's hook only keeps its input, and the sublayer's hook
-is one `loramux::bottleneck_point(s, x, handle)` call whose body applies whatever units the
-rows' slots hold at that point (`InsertionPoint.eager_apply`), so a resident bottleneck
+is one `loramux::bottleneck_point(s, x, handle)` call (returning a new tensor) whose body
+applies whatever units the rows' slots hold at that point (`InsertionPoint.eager_apply`), so a resident bottleneck
 adapter changes nothing the graph reads either; while one is resident, base-only and
 all-merged steps take this graph too (their own graphs read the hooks' state).
 
@@ -39,6 +43,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from loramux.engine.forward_context import BASE_SLOT
 
 if TYPE_CHECKING:
     from loramux.adapters.model.blocks import InsertionPoint
@@ -67,11 +73,14 @@ class LayerHandle(OpaqueBase):  # type: ignore[misc, valid-type]
         return target
 
 
-def _forward(x: torch.Tensor, handle: LayerHandle, out_features: int) -> torch.Tensor:
-    """The layer's eager forward of x [tokens, in] under the forward's context: [tokens, out_features],
-    a new tensor (out_features is the layer's, given for the graph's shape inference)."""
+def _delta(x: torch.Tensor, y: torch.Tensor, handle: LayerHandle) -> None:
+    """Add each row's adapter delta into y = x · W [tokens, out] in place, under the forward's context
+    (W: the weight the step put in the context for this layer, its merged copy or W0). x: [tokens, in]."""
     layer = handle.target()
-    return layer.eager_forward(x, layer.holder.get())
+    ctx = layer.holder.get()
+    if ctx is None or not layer.holding or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT):
+        return
+    layer.add_deltas(x, y, ctx, layer._merged_for(ctx))
 
 
 def _bottleneck(s: torch.Tensor, x: torch.Tensor, handle: LayerHandle) -> torch.Tensor:
@@ -90,11 +99,9 @@ def _define() -> Any | None:
         # torch.library's low-level definition, not the custom_op decorator: the decorator wraps every
         # call in an autograd layer this inference-only operator does not need (~2x the call's cost)
         lib = torch.library.Library("loramux", "DEF")
-        lib.define(f"adapter_linear(Tensor x, {handle} handle, int out_features) -> Tensor")
-        lib.impl("adapter_linear", _forward, "CompositeExplicitAutograd")
-        torch.library.register_fake(
-            "loramux::adapter_linear", lambda x, handle, out_features: x.new_empty(x.shape[0], out_features), lib=lib
-        )
+        lib.define(f"adapter_delta(Tensor x, Tensor(a!) y, {handle} handle) -> ()")
+        lib.impl("adapter_delta", _delta, "CompositeExplicitAutograd")
+        torch.library.register_fake("loramux::adapter_delta", lambda x, y, handle: None, lib=lib)
         lib.define(f"bottleneck_point(Tensor s, Tensor x, {handle} handle) -> Tensor")
         lib.impl("bottleneck_point", _bottleneck, "CompositeExplicitAutograd")
         torch.library.register_fake("loramux::bottleneck_point", lambda s, x, handle: torch.empty_like(s), lib=lib)
@@ -106,10 +113,10 @@ def _define() -> Any | None:
 
 _LIB = _define()  # kept alive: the operators live as long as their library object
 if _LIB is not None:
-    adapter_linear = torch.ops.loramux.adapter_linear
+    adapter_delta = torch.ops.loramux.adapter_delta
     bottleneck_point = torch.ops.loramux.bottleneck_point
 else:
-    adapter_linear, bottleneck_point = _forward, _bottleneck
+    adapter_delta, bottleneck_point = _delta, _bottleneck
 
 
 def available() -> bool:

@@ -20,7 +20,7 @@ from loramux.adapters.kinds.lora_batched import prepare as prepare_lora
 from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.kinds.lora_stacks import LoraStacks
 from loramux.adapters.kinds.peft_adapter import ModuleWeights
-from loramux.adapters.model.adapter_op import LayerHandle, adapter_linear
+from loramux.adapters.model.adapter_op import LayerHandle, adapter_delta
 from loramux.adapters.model.decoder_layers import find_decoder_layers
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
 
@@ -77,11 +77,14 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (the runner's [1, tokens, in]); y: [..., out], base bias included
         ctx = self.holder.get()
-        if ctx is not None and ctx.merged_weights is not None:  # every row on one merged slot (compiled.py)
+        if ctx is not None and ctx.merged_weights is not None:
+            # a compiled step (engine/compiled.py): this layer's weight (W0 or a merged copy) from the
+            # context by layer index, so the product is traced whatever is merged where
             w = ctx.merged_weights[self.index]
-            return F.linear(x, w.weight, w.bias)
-        if ctx is not None and ctx.opaque_adapters:  # a compiled adapter step: this layer is one opaque call
-            y = adapter_linear(x.reshape(-1, self.in_features), self.handle, self.out_features)  # [tokens, out]
+            x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+            y = F.linear(x2, w.weight, w.bias)  # [tokens, out]
+            if ctx.opaque_adapters:  # the adapter graph: every row's delta in one opaque call (adapter_op.py)
+                adapter_delta(x2, y, self.handle)
             return y.view(*x.shape[:-1], self.out_features)
         return self.eager_forward(x, ctx)
 
@@ -94,17 +97,28 @@ class MultiAdapterLinear(nn.Module):
         if ctx is None or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT) or not self.holding:
             return self._base_out(x)
         merged = self._merged_for(ctx)
-        if merged is not None:
-            return self._forward_merged(x, ctx, merged)
-        y = self._base_out(x)
-        if not ctx.adapter_segments:
-            return y
-        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
-        y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
+        y = self._base_out(x) if merged is None else F.linear(x, merged.weight, merged.bias)  # [..., out]
+        self.add_deltas(x.reshape(-1, self.in_features), y.view(-1, self.out_features), ctx, merged)
+        return y
+
+    def step_weight(self, ctx: AdapterContext) -> MergedWeight:
+        """The weight this layer multiplies every row of `ctx`'s forward by: the merged copy that
+        replaces W0 (see `_merged_for`), else W0; `add_deltas` adds what each row needs on top."""
+        merged = self._merged_for(ctx) if self.holding else None
+        return merged if merged is not None else self.merged_or_base(BASE_SLOT)  # type: ignore[return-value]
+
+    def add_deltas(self, x2: torch.Tensor, y2: torch.Tensor, ctx: AdapterContext, merged: MergedWeight | None) -> None:
+        """Add each row's adapter delta into y2 = x2 · W [tokens, out] in place, W being `merged`'s
+        weight (then the other rows undo its delta and add their own, dLoRA) or W0 (None).
+        x2: [tokens, in]."""
         if y2.shape[0] != ctx.num_tokens:
             raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
-        apply_segments(y2, x2, ctx, ctx.adapter_segments, self.deltas, self.stacked, "all")
-        return y
+        if merged is None:
+            if ctx.adapter_segments:
+                apply_segments(y2, x2, ctx, ctx.adapter_segments, self.deltas, self.stacked, "all")
+        elif ctx.other_spans:
+            segment_unmerge(y2, x2, ctx.other_spans, self.deltas[ctx.merged_slot])
+            apply_segments(y2, x2, ctx, ctx.other_adapter_segments, self.deltas, self.stacked, "others")
 
     def _base_out(self, x: torch.Tensor) -> torch.Tensor:
         """x·W0ᵀ + b [..., out]: F.linear directly for nn.Linear (once per layer per forward; the
@@ -134,20 +148,6 @@ class MultiAdapterLinear(nn.Module):
         if merged is not None and (not ctx.other_spans or self._subtractable(ctx.merged_slot)):
             return merged
         return None
-
-    def _forward_merged(self, x: torch.Tensor, ctx: AdapterContext, merged: MergedWeight) -> torch.Tensor:
-        # W0 is replaced by the merged weight for every row: the merged slot's rows need no adapter
-        # arithmetic; every other row (base rows too) gets the merged delta subtracted, then its own (dLoRA).
-        y = F.linear(x, merged.weight, merged.bias)  # [..., out]
-        if not ctx.other_spans:
-            return y
-        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
-        y2 = y.view(-1, self.out_features)  # [tokens, out], shares storage with y
-        if y2.shape[0] != ctx.num_tokens:
-            raise ValueError(f"adapter context has {ctx.num_tokens} rows but the layer got {y2.shape[0]} tokens")
-        segment_unmerge(y2, x2, ctx.other_spans, self.deltas[ctx.merged_slot])
-        apply_segments(y2, x2, ctx, ctx.other_adapter_segments, self.deltas, self.stacked, "others")
-        return y
 
     def _subtractable(self, slot: int) -> bool:
         d = self.deltas[slot]

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel
 from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.model.blocks import wrap_blocks
 from loramux.adapters.model.linear import wrap_linears
-from loramux.engine.forward_context import AdapterContext, ContextHolder
+from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
 
 if TYPE_CHECKING:
+    from loramux.adapters.kinds.lora import MergedWeight
     from loramux.adapters.kinds.soft_prompt import SoftPrompt
 
 
@@ -37,6 +38,8 @@ class WrappedModel:
         self.blocks = wrap_blocks(model, self.holder, num_slots)
         # device slot -> its soft prompt (virtual tokens or KV prefix), which the runner places per request
         self.soft_prompts: dict[int, SoftPrompt] = {}
+        # every layer's W0, by layer index (views, built once): the step weights of a forward with no merged slot
+        self._base_weights = [layer.merged_or_base(BASE_SLOT) for layer in self.linears.values()]
 
     def prepare_lora(self, ctx: AdapterContext) -> HostIndices:
         """Plan this forward's batched LoRA for every wrapped layer (once per stack layout); the
@@ -52,6 +55,13 @@ class WrappedModel:
         everywhere), by layer `index`; None when some layer holds a delta of `slot` it has not merged."""
         weights = [layer.merged_or_base(slot) for layer in self.linears.values()]
         return None if any(w is None for w in weights) else weights
+
+    def step_weights(self, ctx: AdapterContext) -> list[MergedWeight]:
+        """Every wrapped layer's weight in the forward `ctx` describes (its merged copy or W0), by layer
+        `index`: what a compiled adapter step multiplies by before each layer's delta operator."""
+        if ctx.merged_slot == BASE_SLOT:
+            return self._base_weights
+        return [layer.step_weight(ctx) for layer in self.linears.values()]
 
     def has_bottleneck(self) -> bool:
         """Whether any slot holds a bottleneck unit at any insertion point (compiled steps then take the
