@@ -54,6 +54,8 @@ class MultiAdapterLinear(nn.Module):
         self.handle = LayerHandle(self)
         # whether any slot holds something here: a layer no adapter targets is W0 alone, with no per-row work
         self.holding = False
+        # W0 as a MergedWeight (views of the base module's parameters), built once by `merged_or_base`
+        self._w0: MergedWeight | None = None
 
     # The base module's parameters, for code that reads `proj.weight` / `proj.bias`.
     @property
@@ -217,9 +219,10 @@ class MultiAdapterLinear(nn.Module):
                 return self.merged[slot]
             if self.deltas[self._slot_index(slot)] is not None:
                 return None
-        # plain tensors (views), as merged copies are: a compiled graph's guards then see one kind of input
-        bias = self.bias.detach() if self.bias is not None else None
-        return MergedWeight(self.base_weight_rows().detach(), bias, 0)
+        if self._w0 is None:  # plain tensors (views), as merged copies are: a graph's guards see one kind of input
+            bias = self.bias.detach() if self.bias is not None else None
+            self._w0 = MergedWeight(self.base_weight_rows().detach(), bias, 0)
+        return self._w0
 
     def clear_merged(self, slot: int) -> None:
         self.merged.pop(self._slot_index(slot), None)

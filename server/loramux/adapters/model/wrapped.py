@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from loramux.adapters.kinds.lora_plan import HostIndices
 from loramux.adapters.model.blocks import wrap_blocks
 from loramux.adapters.model.linear import wrap_linears
-from loramux.engine.forward_context import BASE_SLOT, AdapterContext, ContextHolder
+from loramux.engine.forward_context import AdapterContext, ContextHolder
 
 if TYPE_CHECKING:
     from loramux.adapters.kinds.lora import MergedWeight
@@ -38,8 +38,6 @@ class WrappedModel:
         self.blocks = wrap_blocks(model, self.holder, num_slots)
         # device slot -> its soft prompt (virtual tokens or KV prefix), which the runner places per request
         self.soft_prompts: dict[int, SoftPrompt] = {}
-        # every layer's W0, by layer index (views, built once): the step weights of a forward with no merged slot
-        self._base_weights = [layer.merged_or_base(BASE_SLOT) for layer in self.linears.values()]
 
     def prepare_lora(self, ctx: AdapterContext) -> HostIndices:
         """Plan this forward's batched LoRA for every wrapped layer (once per stack layout); the
@@ -59,8 +57,6 @@ class WrappedModel:
     def step_weights(self, ctx: AdapterContext) -> list[MergedWeight]:
         """Every wrapped layer's weight in the forward `ctx` describes (its merged copy or W0), by layer
         `index`: what a compiled adapter step multiplies by before each layer's delta operator."""
-        if ctx.merged_slot == BASE_SLOT:
-            return self._base_weights
         return [layer.step_weight(ctx) for layer in self.linears.values()]
 
     def has_bottleneck(self) -> bool:
