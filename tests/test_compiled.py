@@ -12,14 +12,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from harness import Hold, ServerThread, wait_until
 from ops_helpers import scrape
 from peft import IA3Config, LoraConfig
 from peft_helpers import make_peft_adapter, transformers_greedy
 from safetensors.torch import load_file
 from test_soft_prompts import make_soft_prompt
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
+from loramux.engine.compiled import CompiledDecode
 from loramux.model import byte_tokenizer, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 
@@ -189,11 +192,6 @@ def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store, refe
 def test_one_row_projections_compile_to_a_fused_multiply_and_sum_and_more_rows_to_mm():
     """On CPU a one-row graph's matrix-vector products become inductor's fused reduction
     (`inductor_options`), equal to eager; a graph of a dynamic row count keeps `mm`."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    from loramux.engine.compiled import CompiledDecode
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
     c = CompiledDecode(model)

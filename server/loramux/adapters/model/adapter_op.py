@@ -12,7 +12,7 @@ taken from the forward's context by layer index, its merged copy or W0), then
 `loramux::adapter_delta(x, y, handle)`, a custom operator that dynamo and inductor treat as a
 black box that adds into y in place. `handle` is a reference-typed opaque object (torch's
 opaque objects for custom operators) pointing at the layer; the operator's body adds what the
-layer's eager forward adds on top of that product (`MultiAdapterLinear.add_deltas`), on the
+layer's eager forward adds on top of that product (`MultiAdapterLinear.delta_into`), on the
 forward's context read from the layer's holder: batched LoRA for plain slots on the plans the
 runner prepared, the per-segment reference for DoRA / IA3 / shifted slots, the undoing of a
 merged delta for the other rows. Exactly what an eager forward computes, so the graph around
@@ -24,9 +24,9 @@ the base graph (engine/compiled.py, `inductor_options`).
 Bottleneck adapters (model/blocks.py) sit behind forward hooks on each decoder layer's norm
 and sublayer. In these steps the norm's hook only keeps its input, and the sublayer's hook
 is one `loramux::bottleneck_point(s, x, handle)` call (returning a new tensor) whose body
-applies whatever units the rows' slots hold at that point (`InsertionPoint.eager_apply`), so a resident bottleneck
-adapter changes nothing the graph reads either; while one is resident, base-only and
-all-merged steps take this graph too (their own graphs read the hooks' state).
+applies whatever units the rows' slots hold at that point (`InsertionPoint.eager_apply`), so
+a resident bottleneck adapter changes nothing the graph reads either; while one is resident,
+base-only and all-merged steps take this graph too (their own graphs read the hooks' state).
 
 Its cost is one operator call per wrapped layer and per insertion point: about 20 µs of
 dispatch each on this 2-core CPU beside its body, plus the graph splits the calls force
@@ -44,8 +44,6 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from loramux.engine.forward_context import BASE_SLOT
 
 if TYPE_CHECKING:
     from loramux.adapters.model.blocks import InsertionPoint
@@ -78,10 +76,7 @@ def _delta(x: torch.Tensor, y: torch.Tensor, handle: LayerHandle) -> None:
     """Add each row's adapter delta into y = x · W [tokens, out] in place, under the forward's context
     (W: the weight the step put in the context for this layer, its merged copy or W0). x: [tokens, in]."""
     layer = handle.target()
-    ctx = layer.holder.get()
-    if ctx is None or not layer.holding or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT):
-        return
-    layer.add_deltas(x, y, ctx, layer._merged_for(ctx))
+    layer.delta_into(x, y, layer.holder.get())
 
 
 def _bottleneck(s: torch.Tensor, x: torch.Tensor, handle: LayerHandle) -> torch.Tensor:

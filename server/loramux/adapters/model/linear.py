@@ -93,21 +93,30 @@ class MultiAdapterLinear(nn.Module):
     def eager_forward(self, x: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
         """The layer's output for every row of the forward `ctx` describes: W0 (or a merged copy) and
         each row's adapter delta. x: [..., in]; returns [..., out], base bias included."""
-        # W0 alone: a forward of base rows only (checked first: the compiled base graph traces this and
-        # must not guard on what the slots hold), or a layer no slot holds anything in (gate_proj of a
-        # q, v LoRA, ...)
-        if ctx is None or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT) or not self.holding:
+        if self._w0_alone(ctx):
             return self._base_out(x)
         merged = self._merged_for(ctx)
         y = self._base_out(x) if merged is None else F.linear(x, merged.weight, merged.bias)  # [..., out]
         self.add_deltas(x.reshape(-1, self.in_features), y.view(-1, self.out_features), ctx, merged)
         return y
 
+    def _w0_alone(self, ctx: AdapterContext | None) -> bool:
+        """Whether every row of the forward gets W0's output and nothing more: a forward of base rows
+        only (tested first: the compiled base graph traces this and must not guard on what the slots
+        hold), or a layer no slot holds anything in (gate_proj of a q, v LoRA, ...)."""
+        return ctx is None or (not ctx.adapter_segments and ctx.merged_slot == BASE_SLOT) or not self.holding
+
     def step_weight(self, ctx: AdapterContext) -> MergedWeight:
         """The weight this layer multiplies every row of `ctx`'s forward by: the merged copy that
-        replaces W0 (see `_merged_for`), else W0; `add_deltas` adds what each row needs on top."""
-        merged = self._merged_for(ctx) if self.holding else None
+        replaces W0 (see `_merged_for`), else W0; `delta_into` adds what each row needs on top."""
+        merged = self._merged_for(ctx)
         return merged if merged is not None else self.merged_or_base(BASE_SLOT)  # type: ignore[return-value]
+
+    def delta_into(self, x2: torch.Tensor, y2: torch.Tensor, ctx: AdapterContext | None) -> None:
+        """The adapter operator's body (adapter_op.py): add each row's delta into y2 = x2 · W in place,
+        W being `step_weight(ctx)`. x2: [tokens, in]; y2: [tokens, out]."""
+        if not self._w0_alone(ctx):
+            self.add_deltas(x2, y2, ctx, self._merged_for(ctx))  # type: ignore[arg-type]
 
     def add_deltas(self, x2: torch.Tensor, y2: torch.Tensor, ctx: AdapterContext, merged: MergedWeight | None) -> None:
         """Add each row's adapter delta into y2 = x2 · W [tokens, out] in place, W being `merged`'s
