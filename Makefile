@@ -17,8 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test,ray]'
 	touch $@
 
+# The oracle tests (PEFT, AdapterHub, soft prompts, merged) once more with every forward forced onto each
+# LoRA path: the per-segment reference, the grouped pure-torch path, the Triton kernels (interpreted on CPU).
+ORACLE_TESTS := tests/test_peft_adapters.py tests/test_soft_prompts.py tests/test_merged.py tests/test_adapterhub.py
+
 test: install
 	$(PY) -m pytest -q
+	for path in segment grouped triton; do \
+		echo "== oracle tests, --lora-path $$path"; \
+		$(PY) -m pytest -q -p no:warnings --lora-path $$path $(ORACLE_TESTS) || exit 1; \
+	done
 
 demo: install
 	$(PY) scripts/demo.py
