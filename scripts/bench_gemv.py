@@ -1,14 +1,15 @@
-"""One row through every projection of a model: ATen `mm` against inductor's fused multiply and sum.
+"""A few rows through every projection of a model: ATen `mm` against the compiled graphs' products.
 
-A one-row decode step multiplies one row by every weight of the model: matrix-vector products,
-bound by reading the weights. This times the projections of the bench's synthetic model
-(`--preset cpu`, loaded through `from_pretrained`) on one row three ways, taking turns round
-after round: eager (`F.linear`, ATen's `mm`), compiled with inductor's defaults (it calls the
-same `mm`), and compiled with `engine.compiled.inductor_options` (inductor's `decompose_mm_pass`:
-a fused multiply and sum), beside a plain `sum` over the same weights, which reads them once
-at the memory's speed. Prints milliseconds per pass and the ratios:
+A decode step of few rows multiplies them by every weight of the model, bound by reading the
+weights. This times the projections of the bench's synthetic model (`--preset cpu`, loaded
+through `from_pretrained`) on `--rows` rows three ways, taking turns round after round: eager
+(`F.linear`, ATen's `mm`), compiled with inductor's defaults (it calls the same `mm`), and
+compiled with `engine.compiled.inductor_options` (engine/products.py: a multiply and sum that
+reads each weight row once for all rows; the row count is static here), beside a plain `sum`
+over the same weights, which reads them once at the memory's speed. Prints milliseconds per
+pass and the ratios:
 
-    PYTHONPATH=server .venv/bin/python scripts/bench_gemv.py --threads 1 --rounds 5
+    PYTHONPATH=server .venv/bin/python scripts/bench_gemv.py --threads 1 --rounds 5 --rows 1
 """
 
 from __future__ import annotations
@@ -52,17 +53,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--rows", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_model(str(write_synthetic_model("cpu", Path(tmp) / "model")), device="cpu", dtype="float32")
     layers = [m for m in base.model.modules() if isinstance(m, nn.Linear)]
     proj = Projections(layers).eval()
-    rows = {n: torch.randn(1, n) for n in {m.in_features for m in layers}}
+    rows = {n: torch.randn(a.rows, n) for n in {m.in_features for m in layers}}
     mb = sum(m.weight.numel() * m.weight.element_size() for m in layers) / 1e6
     with torch.no_grad():
-        default = torch.compile(proj)
-        fused = torch.compile(proj, options=inductor_options(proj))
+        default = torch.compile(proj, dynamic=False)
+        fused = torch.compile(proj, options=inductor_options(proj), dynamic=False)
         for want, got in zip(proj(rows), fused(rows)):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         ways = {
@@ -76,7 +78,9 @@ def main() -> None:
             order = list(ways)[r % len(ways) :] + list(ways)[: r % len(ways)]  # rotate: drift hits all alike
             for k in order:
                 times[k].append(_ms(ways[k], a.reps))
-    print(f"{len(layers)} projections, {mb:.1f} MB of weights, one row, {a.threads} thread(s), {a.rounds} rounds")
+    print(
+        f"{len(layers)} projections, {mb:.1f} MB of weights, {a.rows} row(s), {a.threads} thread(s), {a.rounds} rounds"
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:20s} {v:7.2f} ms  ({mb / v:5.1f} GB/s)")

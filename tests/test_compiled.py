@@ -22,7 +22,7 @@ from test_soft_prompts import make_soft_prompt
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
-from loramux.engine.compiled import CompiledDecode
+from loramux.engine.compiled import SMALL_ROWS, CompiledDecode
 from loramux.model import byte_tokenizer, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 
@@ -82,8 +82,8 @@ def in_one_batch(s: ServerThread, reqs: list[pb.GenerateRequest]) -> list[pb.Gen
 def test_the_graphs_compile_at_start_up_and_pass_their_check(compiled, eager):
     c = compiled.engine.runner.compiled
     assert c is not None and c.enabled and c.serving and not c.warming
-    # base, adapters and all-merged, each at B = 1 and B = 3
-    assert c.report.graphs == 6 and c.report.error == "" and c.report.seconds > 0
+    # base, adapters and all-merged, each for B = 1, 2 <= B <= SMALL_ROWS and B > SMALL_ROWS
+    assert c.report.graphs == 9 and c.report.error == "" and c.report.seconds > 0
     assert eager.engine.runner.compiled is None  # --no-compile: nothing is wrapped
     assert compiled.engine.pool.num_used == 0  # the warm-up gave back every block it took
 
@@ -96,7 +96,11 @@ def test_base_decodes_run_compiled_and_equal_transformers(compiled, reference_ll
     got = in_one_batch(compiled, [request(p, 10 + 3 * i) for i, p in enumerate(PROMPTS)])  # B = 4 .. 1
     for i, (p, g) in enumerate(zip(PROMPTS, got)):
         assert list(g.token_ids) == greedy(reference_llama, p, 10 + 3 * i)
-    assert c.steps - before >= 11 + 18  # every decode step of these base rows ran compiled
+    many = [PROMPTS[i % 4][: 3 + i] for i in range(SMALL_ROWS + 3)]  # B = 11 .. 1: every row range's graph
+    got = in_one_batch(compiled, [request(p, 6 + i) for i, p in enumerate(many)])
+    for i, (p, g) in enumerate(zip(many, got)):
+        assert list(g.token_ids) == greedy(reference_llama, p, 6 + i)
+    assert c.steps - before >= 11 + 18 + 15  # every decode step of these base rows ran compiled
     assert c.misses == 0  # no step needed a graph that was not compiled at start-up
 
 
@@ -142,7 +146,7 @@ def test_bottleneck_adapters_decode_compiled_and_a_step_no_graph_fits_runs_eager
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with ServerThread(model_dir, store=root / "store", compile=True, max_device_adapters=2) as s:
         c = s.engine.runner.compiled
-        assert c.enabled and c.report.graphs == 4  # no merged cache: base and adapter graphs only
+        assert c.enabled and c.report.graphs == 6  # no merged cache: base and adapter graphs only
         assert list(s.gen.Generate(request(prompts[0], 6), timeout=300).token_ids) == greedy(base, prompts[0], 6)
         assert c.steps >= 5 and c.misses == 0
         s.adapters.LoadAdapter(pb.LoadAdapterRequest(adapter_id="bn"), timeout=60)
@@ -189,9 +193,9 @@ def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store, refe
     assert c.steps - before >= 9 and c.misses == misses
 
 
-def test_one_row_projections_compile_to_a_fused_multiply_and_sum_and_more_rows_to_mm():
-    """On CPU a one-row graph's matrix-vector products become inductor's fused reduction
-    (`inductor_options`), equal to eager; a graph of a dynamic row count keeps `mm`."""
+def test_products_of_few_rows_read_each_weight_once_and_more_rows_keep_mm():
+    """On CPU the products of graphs of at most SMALL_ROWS rows, one row or a range of rows, are rewritten
+    (engine/products.py) and equal eager; a graph of more rows keeps `mm`."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
     c = CompiledDecode(model)
@@ -199,10 +203,12 @@ def test_one_row_projections_compile_to_a_fused_multiply_and_sum_and_more_rows_t
     counters.clear()
     with torch.no_grad():
         c.warming = True
-        one = torch.randn(1, 64)
-        assert torch.allclose(c([], input=one), model(one), atol=1e-5, rtol=1e-5)
-        fused = counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"]
-        assert fused == 2  # both projections of the one-row graph
-        rows = torch.randn(5, 64)
-        assert torch.allclose(c([(rows, (0,))], input=rows), model(rows), atol=1e-5, rtol=1e-5)
-        assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] == fused
+        for b, rewritten in ((1, 2), (3, 4), (SMALL_ROWS + 1, 4)):  # both projections of each small graph
+            x = torch.randn(b, 64)
+            assert torch.allclose(c([(x, 0)], [], input=x), model(x), atol=1e-5, rtol=1e-5)
+            assert counters["inductor"]["loramux_products"] == rewritten, b
+        c.warming, c.serving = False, True
+        for b in (2, 5, SMALL_ROWS, SMALL_ROWS + 1, 40):  # the graphs serve their whole ranges, nothing compiles
+            x = torch.randn(b, 64)
+            assert torch.allclose(c([(x, 0)], [], input=x), model(x), atol=1e-5, rtol=1e-5)
+        assert c.misses == 0 and c.steps == 5 and counters["inductor"]["loramux_products"] == 4

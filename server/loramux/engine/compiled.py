@@ -11,9 +11,14 @@ and differ only in tensor sizes (B rows, each table nb blocks long):
   (adapters/model/adapter_op.py) whose body runs the layer's eager forward: the segments,
   stacks and plans it reads never reach dynamo.
 
-Those two sizes are marked dynamic, so one graph serves every B >= 2 and every nb >= 2
-(dynamo specialises sizes 0 and 1 wherever they occur: B = 1 gets a graph of its own, and
-the runner pads every decode table to at least `MIN_BLOCKS` blocks; padding is masked).
+Those two sizes are marked dynamic, the row count B within a range (`row_ranges`): B = 1
+gets a graph of its own (dynamo specialises sizes 0 and 1 wherever they occur); on CPU
+2 <= B <= SMALL_ROWS another and B > SMALL_ROWS a third, on CUDA one for every B >= 2.
+Each serves every table length nb >= 2 (the runner pads every decode table to at least
+`MIN_BLOCKS` blocks; padding is masked). On CPU the matrix products of the graphs of at
+most SMALL_ROWS rows read each weight row once for all B rows (engine/products.py): with
+few rows a product is bound by reading the weights, which ATen's `mm` does slowly; past
+SMALL_ROWS the two measured alike, and the third graph keeps `mm`.
 Steps with prompt chunks run eager, the reference path.
 
 When. Every graph is compiled at start-up (`warm_up`, before the engine serves), on the
@@ -41,20 +46,33 @@ log = logging.getLogger("loramux.compiled")
 MIN_BLOCKS = 2  # decode tables are padded to at least this many blocks (a size of 1 would be specialised)
 
 
-def inductor_options(model: torch.nn.Module) -> dict[str, Any]:
-    """Inductor options for this model's graphs: on CPU, a product of one row by a weight (the one-row
-    graph's every projection: a matrix-vector product) becomes a fused multiply and sum.
+Dim = tuple[torch.Tensor, int]  # a tensor and one of its dims
+NO_MAX = 1 << 30  # the upper bound of the last row range
+SMALL_ROWS = 8  # decode steps of 2..SMALL_ROWS rows have a graph of their own (weight-stationary products on CPU)
 
-    That is inductor's own `decompose_mm_pass` (fx_passes/decompose_mem_bound_mm.py), which it
-    applies on CPU where the row count is statically 1 and the weight's sides are at most 2048; it
-    is off unless named. A matrix-vector product is bound by reading the weight: ATen's `mm` reads
-    it at about a third of the speed of a plain sum over it on this CPU, the fused reduction at two
-    thirds (the 29 projections of the bench's model, 47 MB, one row, one thread: 5.6 ms as `mm`,
-    3.0 ms fused, 2.0 ms to sum the weights; `scripts/bench_gemv.py`). Graphs of two and more rows
-    (a dynamic row count), and graphs on CUDA, are left as they are.
+
+def row_ranges(small_rows: bool) -> list[tuple[int, int | None]]:
+    """The row counts each graph serves, (least, most or None): B = 1, then (on CPU, `small_rows`)
+    2..SMALL_ROWS and the rest, or (on CUDA, where products are left as they are) every B >= 2."""
+    return [(1, 1), (2, SMALL_ROWS), (SMALL_ROWS + 1, None)] if small_rows else [(1, 1), (2, None)]
+
+
+def inductor_options(model: torch.nn.Module) -> dict[str, Any]:
+    """Inductor options for this model's graphs: on CPU, the products of graphs of at most SMALL_ROWS
+    rows (statically known) read each weight row once for every row (engine/products.py).
+
+    A decode step of few rows is bound by reading the weights: ATen's `mm` reads them at a third to a
+    half of the speed of a plain sum over them on the CPUs measured, the rewritten products at
+    nine tenths (the 29 projections of the bench's model, 47 MB, one thread: `scripts/bench_gemv.py`).
+    Graphs on CUDA are left as they are.
     """
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if on_cpu else {}
+    from loramux.engine.products import WeightStationaryProducts
+
+    return {"post_grad_custom_pre_pass": WeightStationaryProducts(SMALL_ROWS)} if _on_cpu(model) else {}
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 @dataclass
@@ -75,6 +93,7 @@ class CompiledDecode:
         # code object (tests start several servers), and one engine compiles up to 6 graphs
         limit = {"recompile_limit": 64} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
         self.fn = torch.compile(model.forward, options=inductor_options(model), **limit)
+        self.ranges = row_ranges(_on_cpu(model))  # the graphs' row ranges
         self.merged = merged  # also the graphs of all-merged decode steps (the merged cache is on)
         self.adapters = adapter_op.available()  # also the graphs of adapter decode steps (adapter_op.py)
         self.enabled = True
@@ -85,17 +104,22 @@ class CompiledDecode:
         self.observe: Callable[[str], None] | None = None  # told "compiled" / "eager" per eligible step (metrics)
         self.report = CompileReport()
 
-    def __call__(self, dynamic: list[tuple[torch.Tensor, tuple[int, ...]]], **kwargs: Any) -> Any | None:
+    def __call__(self, rows: list[Dim], blocks: list[Dim], **kwargs: Any) -> Any | None:
         """The model's output, or None when no compiled graph fits (the caller runs eager).
 
-        dynamic: the forward's tensors and which of their dims vary from step to step (marked
-        while graphs compile; a compiled graph's guards check the sizes without the marks).
+        rows / blocks: the forward's tensors and which of their dims is the step's row count (B) /
+        its tables' length (nb). While graphs compile, B's dims are marked dynamic within its range
+        (`row_ranges`) and nb's without bounds; a compiled graph's guards check the sizes without marks.
         """
         if self.warming:
-            for t, dims in dynamic:
-                for d in dims:
-                    if t.shape[d] > 1:
-                        torch._dynamo.mark_dynamic(t, d)
+            b = rows[0][0].shape[rows[0][1]] if rows else 1
+            lo, hi = next((lo, hi) for lo, hi in self.ranges if b >= lo and (hi is None or b <= hi))
+            for t, d in rows:
+                if lo > 1:  # (a min without a max fails in torch 2.13: `hi or NO_MAX`)
+                    torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or NO_MAX)
+            for t, d in blocks:
+                if t.shape[d] > 1:
+                    torch._dynamo.mark_dynamic(t, d)
             return self.fn(**kwargs)
         if not self.serving:  # never warmed up (an engine driven directly, without its start-up)
             return None
@@ -121,10 +145,11 @@ class CompiledDecode:
         log.warning("compiled decode is off: %s; every step runs eager", why)
 
 
-def warm_up(runner: Any, max_len: int) -> CompileReport:
-    """Compile the decode graphs on the runner's own pool (B = 1, then B = 3; base rows, then the same
-    rows through the adapter operators, then all-merged with W0 standing for every merged weight when
-    the merged cache is on) and check them against eager.
+def warm_up(runner: Any, max_len: int, max_rows: int) -> CompileReport:
+    """Compile the decode graphs on the runner's own pool (a batch in each row range of `row_ranges`:
+    B = 1, 3 and (on CPU) SMALL_ROWS + 1, those an engine of `max_rows` rows can run and the pool holds; base
+    rows, then the same rows through the adapter operators, then all-merged with W0 standing for
+    every merged weight when the merged cache is on) and check them against eager.
 
     Runs before the engine serves: its requests take blocks of the pool and give them all
     back. Sets `serving` once done, so that nothing compiles later; on any failure or
@@ -137,18 +162,22 @@ def warm_up(runner: Any, max_len: int) -> CompileReport:
     compiled: CompiledDecode = runner.compiled
     pool = runner.pool
     t0 = time.perf_counter()
+    kinds = [""] + ["adapters"] * compiled.adapters + ["merged"] * compiled.merged
+    # a batch in each range: B = 3, not 2, in the small range, so that B and the tables' nb = 2 are not one size
+    sizes = [3 if lo == 2 else lo for lo, _ in compiled.ranges if lo <= max_rows]  # 1, 3, SMALL_ROWS + 1
+    decodes = len(kinds) * len(sizes)  # tokens the first request gains
     # prompts that fill more than MIN_BLOCKS - 1 blocks, so that the decodes' tables need no padding
-    n = min(MIN_BLOCKS * pool.block_size - pool.block_size + 1, max_len - 3)
-    rows = 3 if pool.num_blocks >= 3 * pool.blocks_for(n + 3) else 1
-    reqs = [Request(f"compile-{i}", [3 + (7 * i + j) % 11 for j in range(n)], SamplingParams()) for i in range(rows)]
+    n = min(MIN_BLOCKS * pool.block_size - pool.block_size + 1, max_len - decodes)
+    sizes = [b for b in sizes if b == 1 or pool.num_blocks >= b * pool.blocks_for(n + decodes)]
+    prompts = [[3 + (7 * i + j) % 11 for j in range(n)] for i in range(max(sizes))]
+    reqs = [Request(f"compile-{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
     dtype = next(runner.model.parameters()).dtype
     compiled.warming = True
     try:
         runner.compiled = None  # the prompts run eager
         _run(runner, Batch(prefill=reqs, decode=[]))
         runner.compiled = compiled
-        groups = ([reqs[0]], reqs) if rows > 1 else ([reqs[0]],)
-        kinds = [""] + ["adapters"] * compiled.adapters + ["merged"] * compiled.merged
+        groups = [reqs[:b] for b in sizes]
         for warm, group in [(k, g) for k in kinds for g in groups]:
             got = _run(runner, Batch(prefill=[], decode=group, warm_graph=warm), commit=False)
             runner.compiled = None

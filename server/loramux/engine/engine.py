@@ -96,7 +96,7 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("the decode step compiles before the engine starts")
         if self.runner.compiled is not None:
-            warm_up(self.runner, self.max_len)
+            warm_up(self.runner, self.max_len, self.config.max_running)
             if self.metrics is not None:  # served steps only: the warm-up's are not counted
                 self.runner.compiled.observe = self.metrics.compiled_forward
 

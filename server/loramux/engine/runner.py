@@ -205,9 +205,9 @@ class Runner:
         try:
             out = None
             if use_compiled:
-                dims = [(input_ids, (1,)), (kwargs["position_ids"], (1,)), (t_slots, (0,)), (t_row_slots, (0,)),
-                        (t_last, (0,)), (t_dec_tokens, (0,)), (meta.dec_tables, (0, 1)), (t_lens, (0,))]  # fmt: skip
-                out = compiled(dims, **kwargs)
+                rows = [(input_ids, 1), (kwargs["position_ids"], 1), (t_slots, 0), (t_row_slots, 0), (t_last, 0),
+                        (t_dec_tokens, 0), (meta.dec_tables, 0), (t_lens, 0)]  # fmt: skip
+                out = compiled(rows, [(meta.dec_tables, 1)], **kwargs)
             if out is None:
                 out = self.model(**kwargs)
         finally:
