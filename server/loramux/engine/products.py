@@ -11,9 +11,17 @@ product `x · Wᵀ` (aten `mm` / `addmm`, x [M, K], Wᵀ [K, N]) as
 which inductor lowers to one loop nest: for each output feature n, the weight row W[n]
 (K values, in the L1 cache) against every one of the M rows, summed over K in vector
 registers. Each weight is read once from memory whatever M is, and nothing [N, M, K] is
-ever stored. Where M is large the BLAS can win again (it blocks for the caches and the
-FMA units); `max_rows` bounds the M the pass rewrites, in terms dynamo knows statically
-(a graph for M = 1, or for a range of M marked dynamic with its bounds).
+ever stored. The result is stored row-major [M, N] (not as the transposed view of [N, M]
+that the formula gives), so that the next product's rows are K-contiguous too: otherwise
+inductor vectorises that product over M instead of K. The inputs are realised first, so
+that inductor does not inline the ops that make x (a norm, say) into the loop nest and
+redo them for every n.
+
+Measured on the bench model's layers (hidden 512, MLP 1376; one thread, 2-core AMD EPYC
+VM, MKL): six MLP blocks at 1 / 4 / 16 / 64 rows took 0.37 / 0.61 / 0.92 / 1.0 of
+the `mm` graph's time. `max_rows` bounds the M the pass rewrites, in terms dynamo knows
+statically (a graph for M = 1, or for a range of M marked dynamic with its bounds:
+engine/compiled.py keeps it at 8).
 """
 
 from __future__ import annotations
