@@ -22,7 +22,7 @@ from test_soft_prompts import make_soft_prompt
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
-from loramux.engine.compiled import SMALL_ROWS, CompiledDecode
+from loramux.engine.compiled import SMALL_ROWS, CompiledDecode, row_ranges
 from loramux.model import byte_tokenizer, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 
@@ -212,3 +212,24 @@ def test_products_of_few_rows_read_each_weight_once_and_more_rows_keep_mm():
             x = torch.randn(b, 64)
             assert torch.allclose(c([(x, 0)], [], input=x), model(x), atol=1e-5, rtol=1e-5)
         assert c.misses == 0 and c.steps == 5 and counters["inductor"]["loramux_products"] == 4
+
+
+def test_without_the_few_row_graph_one_graph_serves_every_row_count_from_two():
+    """The ranges used on CUDA (products left as they are): B = 1 and one graph of every B >= 2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+    c = CompiledDecode(model)
+    c.ranges = row_ranges(small_rows=False)
+    torch._dynamo.reset()
+    # not inductor's on-disk cache: the same graph compiled for 2 <= B <= 8 (the test above) is in it, and
+    # its entry would bring its bounds
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        c.warming = True
+        for b in (1, 3):
+            x = torch.randn(b, 64)
+            assert torch.allclose(c([(x, 0)], [], input=x), model(x), atol=1e-5, rtol=1e-5)
+        c.warming, c.serving = False, True
+        for b in (1, 2, SMALL_ROWS, SMALL_ROWS + 1, 40):
+            x = torch.randn(b, 64)
+            assert torch.allclose(c([(x, 0)], [], input=x), model(x), atol=1e-5, rtol=1e-5)
+        assert c.misses == 0 and c.steps == 5

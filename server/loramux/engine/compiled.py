@@ -115,7 +115,9 @@ class CompiledDecode:
             b = rows[0][0].shape[rows[0][1]] if rows else 1
             lo, hi = next((lo, hi) for lo, hi in self.ranges if b >= lo and (hi is None or b <= hi))
             for t, d in rows:
-                if lo > 1:  # (a min without a max fails in torch 2.13: `hi or NO_MAX`)
+                if (lo, hi) == (2, None):  # the one graph of B >= 2 (CUDA): no bounds, as before ranges
+                    torch._dynamo.mark_dynamic(t, d)
+                elif lo > 1:  # bounds dynamo guards (a min without a max fails in torch 2.13: NO_MAX)
                     torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or NO_MAX)
             for t, d in blocks:
                 if t.shape[d] > 1:
