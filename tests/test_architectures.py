@@ -93,3 +93,26 @@ def test_served_exactly_or_refused(arch, tmp_path):
             wait_until(lambda: s.engine.num_waiting == len(cases), f"{len(cases)} requests queued")
         got = [list(f.result(timeout=120).token_ids) for f in futures]
         assert got == [w for pair in zip(want_base, want_lora) for w in pair]
+
+
+def test_mixtral_decodes_compiled_exactly(tmp_path):
+    """Compiled decode graphs on an architecture whose graph guards the row count: Mixtral's expert
+    routing makes a guard like 2·B < 32767, which must hold over each row range's bounds (engine/compiled.py:
+    the last range ends at --max-running), or compilation would fail at start-up and every step run eager.
+    Base and LoRA rows, alone and in one batch of every row range, equal transformers and PEFT."""
+    arch = next(a for a in ARCHS if a.name == "mixtral")
+    model_dir, store, base, peft = make_model_and_lora(arch, tmp_path)
+    with ServerThread(model_dir, store=store, max_device_adapters=2, compile=True, max_running=16) as s:
+        c = s.engine.runner.compiled
+        assert c.enabled and c.report.graphs == 6, c.report.error  # base and adapter graphs, three row ranges
+        cases = [(p, a) for p in PROMPTS for a in ("", "lora")]
+        for p, a in cases:  # one row
+            assert list(s.gen.Generate(req(p, a)).token_ids) == greedy(peft if a else base, p)
+        for n in (4, 10):  # 2 <= B <= 8, then B > 8
+            batch = [cases[i % 4] for i in range(n)]
+            with Hold(s.engine):
+                futures = [s.gen.Generate.future(req(p, a)) for p, a in batch]
+                wait_until(lambda n=n: s.engine.num_waiting == n, f"{n} requests queued")
+            got = [list(f.result(timeout=120).token_ids) for f in futures]
+            assert got == [greedy(peft if a else base, p) for p, a in batch]
+        assert c.steps > 0 and c.misses == 0

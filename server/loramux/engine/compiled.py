@@ -47,7 +47,6 @@ MIN_BLOCKS = 2  # decode tables are padded to at least this many blocks (a size 
 
 
 Dim = tuple[torch.Tensor, int]  # a tensor and one of its dims
-NO_MAX = 1 << 30  # the upper bound of the last row range
 SMALL_ROWS = 8  # decode steps of 2..SMALL_ROWS rows have a graph of their own (weight-stationary products on CPU)
 
 
@@ -94,6 +93,7 @@ class CompiledDecode:
         limit = {"recompile_limit": 64} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
         self.fn = torch.compile(model.forward, options=inductor_options(model), **limit)
         self.ranges = row_ranges(_on_cpu(model))  # the graphs' row ranges
+        self.max_rows = 1 << 12  # the most rows a step can have (warm_up sets the engine's)
         self.merged = merged  # also the graphs of all-merged decode steps (the merged cache is on)
         self.adapters = adapter_op.available()  # also the graphs of adapter decode steps (adapter_op.py)
         self.enabled = True
@@ -117,8 +117,10 @@ class CompiledDecode:
             for t, d in rows:
                 if (lo, hi) == (2, None):  # the one graph of B >= 2 (CUDA): no bounds, as before ranges
                     torch._dynamo.mark_dynamic(t, d)
-                elif lo > 1:  # bounds dynamo guards (a min without a max fails in torch 2.13: NO_MAX)
-                    torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or NO_MAX)
+                elif lo > 1:  # bounds dynamo guards: the last range's is the engine's most rows (a min without
+                    # a max fails in torch 2.13; and a guard a graph makes, such as 2·B < 32767 for some
+                    # models, must hold over the whole range, or the compilation fails)
+                    torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or max(self.max_rows, lo))
             for t, d in blocks:
                 if t.shape[d] > 1:
                     torch._dynamo.mark_dynamic(t, d)
@@ -133,6 +135,7 @@ class CompiledDecode:
             if not isinstance(e, RecompileError) and "fail_on_recompile" not in str(e):
                 raise
             self.misses += 1
+            log.debug("no compiled graph fits this step, it runs eager: %s", e)
             if self.observe is not None:
                 self.observe("eager")
             return None
@@ -162,6 +165,7 @@ def warm_up(runner: Any, max_len: int, max_rows: int) -> CompileReport:
     from loramux.engine.self_check import tolerance
 
     compiled: CompiledDecode = runner.compiled
+    compiled.max_rows = max_rows
     pool = runner.pool
     t0 = time.perf_counter()
     kinds = [""] + ["adapters"] * compiled.adapters + ["merged"] * compiled.merged
