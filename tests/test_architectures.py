@@ -95,12 +95,15 @@ def test_served_exactly_or_refused(arch, tmp_path):
         assert got == [w for pair in zip(want_base, want_lora) for w in pair]
 
 
-def test_mixtral_decodes_compiled_exactly(tmp_path):
-    """Compiled decode graphs on an architecture whose graph guards the row count: Mixtral's expert
-    routing makes a guard like 2·B < 32767, which must hold over each row range's bounds (engine/compiled.py:
-    the last range ends at --max-running), or compilation would fail at start-up and every step run eager.
-    Base and LoRA rows, alone and in one batch of every row range, equal transformers and PEFT."""
-    arch = next(a for a in ARCHS if a.name == "mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "gpt2"])
+def test_decodes_compiled_exactly_in_every_row_range(name, tmp_path):
+    """Compiled decode graphs where tracing once went wrong: Mixtral's expert routing makes a guard like
+    2·B < 32767, which must hold over each row range's bounds (engine/compiled.py: the last range ends at
+    --max-running), or compilation fails at start-up and every step runs eager; GPT-2's bottleneck points
+    hook ln_1, through which dynamo first reaches the forward context, whose tensors' sizes it then took
+    as static (steps of any other row count missed their graph). Base and LoRA rows, alone and in one
+    batch of every row range, equal transformers and PEFT, every decode step compiled."""
+    arch = next(a for a in ARCHS if a.name == name)
     model_dir, store, base, peft = make_model_and_lora(arch, tmp_path)
     with ServerThread(model_dir, store=store, max_device_adapters=2, compile=True, max_running=16) as s:
         c = s.engine.runner.compiled

@@ -124,7 +124,11 @@ class CompiledDecode:
             for t, d in blocks:
                 if t.shape[d] > 1:
                     torch._dynamo.mark_dynamic(t, d)
-            return self.fn(**kwargs)
+            # the context's tensors may first be reached through a module (a hook's bound method, as the
+            # bottleneck points' are on GPT-2's ln_1): shapes dynamo reaches that way are static by
+            # default, whatever their marks, and every step of another row count would miss its graph
+            with torch._dynamo.config.patch(force_nn_module_property_static_shapes=False):
+                return self.fn(**kwargs)
         if not self.serving:  # never warmed up (an engine driven directly, without its start-up)
             return None
         try:
