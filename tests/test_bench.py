@@ -123,7 +123,10 @@ def test_json_has_every_config_with_sane_numbers(bench_out):
             s = c["summary"]
             assert s["throughput_tok_s"] > 0 and s["tokens"] > 0, (suite, name)
             assert s["ttft_p50_s"] > 0 and s["ttft_p99_s"] >= s["ttft_p50_s"], (suite, name)
-            assert s["itl_p50_s"] is not None and s["itl_p50_s"] >= 0, (suite, name)
+            # an HTTP stream that falls behind sends its waiting tokens as one chunk (http/generate.py), so on
+            # a loaded machine a tiny run's every stream may arrive whole: no gap between tokens to measure
+            may_coalesce = name == "http-stream" and s["itl_p50_s"] is None
+            assert may_coalesce or (s["itl_p50_s"] is not None and s["itl_p50_s"] >= 0), (suite, name)
     ratios = {r["name"]: r for suite in result["suites"].values() for r in suite["ratios"]}
     base_vs_hf = ratios["base: loramux / transformers static"]
     assert base_vs_hf["status"] == "ok" and base_vs_hf["value"] > 0 and base_vs_hf["issues"] == [2, 15]
