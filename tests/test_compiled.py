@@ -193,11 +193,15 @@ def test_a_merged_adapter_decodes_compiled_and_equals_peft(compiled, store, refe
     assert c.steps - before >= 9 and c.misses == misses
 
 
+def _two_projections() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+
+
 def test_products_of_few_rows_read_each_weight_once_and_more_rows_keep_mm():
     """On CPU the products of graphs of at most SMALL_ROWS rows, one row or a range of rows, are rewritten
     (engine/products.py) and equal eager; a graph of more rows keeps `mm`."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+    model = _two_projections()
     c = CompiledDecode(model)
     torch._dynamo.reset()
     counters.clear()
@@ -216,8 +220,7 @@ def test_products_of_few_rows_read_each_weight_once_and_more_rows_keep_mm():
 
 def test_without_the_few_row_graph_one_graph_serves_every_row_count_from_two():
     """The ranges used on CUDA (products left as they are): B = 1 and one graph of every B >= 2."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+    model = _two_projections()
     c = CompiledDecode(model)
     c.ranges = row_ranges(small_rows=False)
     torch._dynamo.reset()

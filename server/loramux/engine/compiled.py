@@ -120,7 +120,7 @@ class CompiledDecode:
                 elif lo > 1:  # bounds dynamo guards: the last range's is the engine's most rows (a min without
                     # a max fails in torch 2.13; and a guard a graph makes, such as 2·B < 32767 for some
                     # models, must hold over the whole range, or the compilation fails)
-                    torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or max(self.max_rows, lo))
+                    torch._dynamo.mark_dynamic(t, d, min=lo, max=hi or self.max_rows)
             for t, d in blocks:
                 if t.shape[d] > 1:
                     torch._dynamo.mark_dynamic(t, d)

@@ -81,20 +81,18 @@ class WeightStationaryProducts(CustomGraphPass):
 
     def _rewrite_mm(self, match: Match, mat1: torch.fx.Node, mat2: torch.fx.Node) -> None:
         if self._applies(mat1, mat2):
-            match.replace_by_example(_mm, [mat1, mat2])
-            _realize(mat1, mat2)
-            counters["inductor"]["loramux_products"] += 1  # replayed on a cache hit too (tests read it)
+            _replace(match, _mm, [mat1, mat2])
 
     def _rewrite_addmm(self, match: Match, bias: torch.fx.Node, mat1: torch.fx.Node, mat2: torch.fx.Node) -> None:
         b = bias.meta.get("val")
         if isinstance(b, torch.Tensor) and b.dim() == 1 and self._applies(mat1, mat2):
-            match.replace_by_example(_addmm, [bias, mat1, mat2])
-            _realize(bias, mat1, mat2)
-            counters["inductor"]["loramux_products"] += 1  # replayed on a cache hit too (tests read it)
+            _replace(match, _addmm, [bias, mat1, mat2])
 
 
-def _realize(*nodes: torch.fx.Node) -> None:
+def _replace(match: Match, repl: Any, inputs: list[torch.fx.Node]) -> None:
+    match.replace_by_example(repl, inputs)
     # the inputs are computed once, before the loop nest: otherwise inductor may inline the ops that
     # make x (a norm, say) into the reduction and redo them for every output feature
-    for n in nodes:
+    for n in inputs:
         n.meta["inductor_realize_to_strides"] = True
+    counters["inductor"]["loramux_products"] += 1  # replayed on a cache hit too (tests read it)
