@@ -203,7 +203,8 @@ def test_ranks_suite_times_wall_and_cpu_and_checks_against_peft():
     for r in res["results"]:
         for t in (r, r["cpu"]):
             assert t["mixed_over_base"] > 0 and t["mixed_over_peft"] > 0 and t["ms"]["mixed"] > 0
+            assert 0 < t["read_ceiling"] < 1 and t["ms"]["read"] > 0  # the weights' read, timed beside
         assert 0 < r["ceiling"] < 1 and r["bytes_over_base"] > 0
     assert res["results"][1]["cpu"]["separate_over_mix"] > 0
     md = "\n".join(markdown(res))
-    assert md.count("| 5 | mix |") == 2 and "CPU time of the timing thread" in md
+    assert md.count("| 5 | mix |") == 2 and "CPU time of the timing thread" in md and "| read ceiling |" in md

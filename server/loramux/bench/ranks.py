@@ -8,12 +8,17 @@ side in interleaved rounds (ratios taken within a round, medians reported):
 - base: every row on the base model;
 - mixed: the rows on their adapters, loramux's LoRA path (`--rank-path`, default auto);
 - peft: PEFT's mixed-batch forward (`adapter_names`) with the same weights;
-- separate (the mix only): each rank's rows in a forward of their own, summed.
+- separate (the mix only): each rank's rows in a forward of their own, summed;
+- read: one plain sum over the adapter weights the mixed forward's LoRA path reads.
 
 FLOP ceiling = base MACs ÷ (base + LoRA MACs) per row: what mixed ÷ base throughput can
 reach if LoRA cost only its arithmetic. Beside it, the adapters' weights a forward reads ÷ the
 base model's (every adapter's A and B once): where that is large and each adapter has few rows,
 the LoRA work is bound by memory traffic, not by FLOPs, and the FLOP ceiling is out of reach.
+That bound is measured too: "read" times one plain sum over every adapter weight the LoRA path
+reads (the members of its stacks, padding to the bucket's rank included), beside the forwards,
+and the read ceiling base ÷ (base + read) is what mixed ÷ base would be if LoRA cost nothing but
+that one read.
 The first round also checks that loramux's logits equal PEFT's (the figures compare the same computation).
 
 Each timing is taken twice: wall time, and the CPU time of this thread. With one torch
@@ -147,6 +152,15 @@ class RankBench:
             err = float((got - want).abs().max())
             if err > 1e-3:
                 raise RuntimeError(f"loramux and PEFT disagree by {err:.2e} at n={n}, ranks {label}")
+        # what reading the adapters' weights costs alone: every member's A and B in the stacks the LoRA path
+        # reads, summed (a plain reduction reads memory about as fast as this machine can)
+        members = [(bk.a[: len(bk.order)], bk.b[: len(bk.order)]) for lin in wrapped.linears.values()
+                   for bk in lin.stacked.buckets.values()]  # fmt: skip
+
+        def read() -> float:
+            return sum(float(a.sum()) + float(b.sum()) for a, b in members)
+
+        variants["read"] = read
         separate: list[Callable[[], object]] = []
         if label == "mix":
             for r in sorted(set(ranks)):
@@ -192,6 +206,8 @@ def _summary(times: dict[str, list[float]]) -> dict:
     return {
         "mixed_over_base": _median_ratio(times["base"], times["mixed"]),
         "mixed_over_peft": _median_ratio(times["peft"], times["mixed"]) if "peft" in times else None,
+        # mixed ÷ base if LoRA cost only one read of its weights: base ÷ (base + read), per round
+        "read_ceiling": statistics.median(b / (b + r) for b, r in zip(times["base"], times["read"])),
         "separate_over_mix": _median_ratio(times["separate"], times["mixed"]) if "separate" in times else None,
         "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
     }
@@ -206,14 +222,17 @@ def markdown(res: dict) -> list[str]:
     lines = [f"## ranks: {res['title']}", "",
              f"{res['rows']} decode rows over N adapters, LoRA on {', '.join(res['targets'])}, path "
              f"`{res['path']}`; {res['rounds']} interleaved rounds, medians of per-round ratios. "
-             "mixed ÷ base and ÷ PEFT are throughput ratios; the ceiling is base MACs ÷ (base + LoRA MACs). "
+             "mixed ÷ base and ÷ PEFT are throughput ratios; the FLOP ceiling is base MACs ÷ (base + LoRA MACs); "
+             "the read ceiling is base ÷ (base + read), read being one plain sum over every adapter weight the "
+             "LoRA path reads (its stacks), timed beside the forwards: what mixed ÷ base would be if LoRA cost "
+             "only reading its weights once; \"of the lower\" is mixed ÷ base over the lower of the two. "
              "The first table times wall clock, the second this thread's CPU time (steadier with one torch "
              "thread on a shared machine).", ""]  # fmt: skip
     for clock in ("wall", "cpu"):
         lines += [f"{'Wall time' if clock == 'wall' else 'CPU time of the timing thread'}:", "",
-                  "| adapters | ranks | mixed ÷ base | FLOP ceiling | of ceiling | adapter ÷ base bytes | mixed ÷ PEFT"
-                  " | separate ÷ mix | base / mixed / PEFT (ms) |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+                  "| adapters | ranks | mixed ÷ base | FLOP ceiling | of ceiling | adapter ÷ base bytes | read ceiling"
+                  " | of the lower | mixed ÷ PEFT | separate ÷ mix | base / mixed / PEFT / read (ms) |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
         for r in res["results"]:
             t = r if clock == "wall" else r.get("cpu")
             if t is None:  # a result written before CPU times were taken
@@ -222,8 +241,12 @@ def markdown(res: dict) -> list[str]:
             peft = "-" if t["mixed_over_peft"] is None else f"{t['mixed_over_peft']:.2f}"
             sep = "-" if t["separate_over_mix"] is None else f"{t['separate_over_mix']:.2f}"
             byt = f"{r['bytes_over_base']:.2f}" if "bytes_over_base" in r else "-"
+            read = t.get("read_ceiling")  # None in a result written before the read was timed
+            lower = None if read is None else min(read, r["ceiling"])
+            rd = "- | -" if lower is None else f"{read:.2f} | {t['mixed_over_base'] / lower:.2f}"
             lines.append(f"| {r['adapters']} | {r['ranks']} | {t['mixed_over_base']:.2f} | {r['ceiling']:.2f} | "
-                         f"{t['mixed_over_base'] / r['ceiling']:.2f} | {byt} | {peft} | {sep} | {ms['base']:.1f} / "
-                         f"{ms['mixed']:.1f} / {ms.get('peft', float('nan')):.1f} |")  # fmt: skip
+                         f"{t['mixed_over_base'] / r['ceiling']:.2f} | {byt} | {rd} | {peft} | {sep} | "
+                         f"{ms['base']:.1f} / {ms['mixed']:.1f} / {ms.get('peft', float('nan')):.1f} / "
+                         f"{ms.get('read', float('nan')):.2f} |")  # fmt: skip
         lines.append("")
     return lines
