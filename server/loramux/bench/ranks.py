@@ -157,8 +157,8 @@ class RankBench:
         members = [(bk.a[: len(bk.order)], bk.b[: len(bk.order)]) for lin in wrapped.linears.values()
                    for bk in lin.stacked.buckets.values()]  # fmt: skip
 
-        def read() -> float:
-            return sum(float(a.sum()) + float(b.sum()) for a, b in members)
+        def read() -> object:
+            return sum(a.sum() + b.sum() for a, b in members)  # a 0-d tensor: no sync per tensor (`_time` syncs)
 
         variants["read"] = read
         separate: list[Callable[[], object]] = []
@@ -173,11 +173,11 @@ class RankBench:
             order = list(variants.items())
             order = order[k % len(order) :] + order[: k % len(order)]
             for name, fn in order:
-                wall, used = _time(fn, reps)
+                wall, used = _time(fn, reps, self.device)
                 times[name].append(wall)
                 cpu[name].append(used)
             if separate:
-                each = [_time(fn, reps) for fn in separate]
+                each = [_time(fn, reps, self.device) for fn in separate]
                 times["separate"].append(sum(w for w, _ in each))
                 cpu["separate"].append(sum(c for _, c in each))
         lora_macs = sum(r * (a.shape[1] + b.shape[0]) for per in weights.values() for (a, b), r in zip(per, ranks))
@@ -192,12 +192,16 @@ class RankBench:
         return out
 
 
-def _time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) per call of `fn`, over `reps` calls after a warm one."""
+def _time(fn: Callable[[], object], reps: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) per call of `fn`, over `reps` calls after a warm one; on
+    CUDA the clocks stop once the device has finished the calls' work, not when they were queued."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm: plans, caches
+    sync()
     t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(reps):
         fn()
+    sync()
     return (time.perf_counter() - t0) / reps, (time.thread_time() - c0) / reps
 
 
