@@ -17,6 +17,7 @@ from peft_helpers import flat_batch, greedy, make_peft_adapter, reference_logits
 from loramux.adapters.cache import merged as merged_mod
 from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
 from loramux.adapters.cache.merged import MergedCache
+from loramux.adapters.cache.merged_weights import forward_macs
 from loramux.adapters.cache.slot import Slot
 from loramux.adapters.formats.loader import load_adapter_dir
 from loramux.adapters.model import linear as layers_mod
@@ -156,18 +157,40 @@ def test_budget_evicts_least_recently_used(store):
         m.cache.merge(("dora", "sha"), 2)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_macs_counts_each_product_once(tied: bool):
+    # one row's MACs: the decoder layers' projections and the LM head; the embedding table is a lookup,
+    # counted only as the head it also is when tied
+    model = build_from_config(tiny_llama_config(tie_word_embeddings=tied), seed=0)
+    cfg = model.config
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // 4)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
+    assert forward_macs(model) == cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+
+
 def test_cost_model_and_traffic_window():
     lora = MergeCost(row_macs=16 * 1024 * 4, layers=8, subtractable=True)
     dora = MergeCost(row_macs=16 * 1024 * 4, layers=8, subtractable=False)
-    assert choose_mode(BatchShape(10, 0, 0), dora, 8, "cpu") is Mode.MERGED
-    assert choose_mode(BatchShape(0, 10, 1), lora, 8, "cpu") is Mode.UNMERGED
-    assert choose_mode(BatchShape(40, 2, 1), lora, 8, "cpu") is Mode.MERGED  # few others: subtract
-    assert choose_mode(BatchShape(4000, 4000, 2), lora, 8, "cpu") is Mode.SPLIT  # many rows each: split
-    assert choose_mode(BatchShape(4000, 2, 1), dora, 8, "cpu") is Mode.SPLIT  # DoRA: no subtract
-    assert choose_mode(BatchShape(1, 40, 1), dora, 8, "cpu") is Mode.UNMERGED
+    fwd = 25_000_000  # P: one row's MACs through a hidden-512, 8-layer Llama
+    assert choose_mode(BatchShape(10, 0, 0), dora, fwd, "cpu") is Mode.MERGED
+    assert choose_mode(BatchShape(0, 10, 1), lora, fwd, "cpu") is Mode.UNMERGED
+    assert choose_mode(BatchShape(40, 2, 1), lora, fwd, "cpu") is Mode.MERGED  # few others: subtract
+    # a split costs a forward's fixed cost (FORWARD_ROWS rows of the model): worth it only for deltas
+    # that cost more than that, many rows each
+    assert choose_mode(BatchShape(40000, 40000, 2), lora, fwd, "cpu") is Mode.SPLIT
+    assert choose_mode(BatchShape(40000, 2, 1), dora, fwd, "cpu") is Mode.SPLIT  # DoRA: no subtract
+    assert choose_mode(BatchShape(4000, 4000, 2), lora, fwd, "cpu") is Mode.UNMERGED
+    assert choose_mode(BatchShape(1, 40, 1), dora, fwd, "cpu") is Mode.UNMERGED
     # beside other LoRA rows an unmerged delta rides in their spans (no ops of its own): no subtract then
-    assert choose_mode(BatchShape(30, 2, 1), lora, 8, "cpu") is Mode.MERGED
-    assert choose_mode(BatchShape(30, 2, 1, joins_batched=True), lora, 8, "cpu") is Mode.UNMERGED
+    assert choose_mode(BatchShape(30, 2, 1), lora, fwd, "cpu") is Mode.MERGED
+    assert choose_mode(BatchShape(30, 2, 1, joins_batched=True), lora, fwd, "cpu") is Mode.UNMERGED
+    # measured (scripts/calibrate_merge_policy.py --rank 128, the bench's model, P = 11.7M): 64 decode rows,
+    # 16 or 32 of them on the merged rank-128 adapter on q, k, v, o, ran 7-16% slower split than unmerged,
+    # which the earlier split price (30 ops per decoder layer) picked
+    r128 = MergeCost(row_macs=128 * (1024 + 768 + 768 + 1024) * 4, layers=16, subtractable=True)
+    for merged_rows in (16, 32):
+        shape = BatchShape(merged_rows, 64 - merged_rows, 1, joins_batched=True)
+        assert choose_mode(shape, r128, 11_732_480, "cpu") is Mode.UNMERGED
     w = TrafficWindow(100)
     w.record({"a": 20, None: 10})
     assert w.hot(0.5) == []  # under half a window: no judgement yet

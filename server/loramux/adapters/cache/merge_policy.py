@@ -8,22 +8,32 @@ below half the threshold (hysteresis, so an adapter near the threshold does not
 flap).
 
 How to run a batch (`choose_mode`): a simple cost model in multiply-accumulates
-(MACs) over the layers the merged adapter touches. With T_m rows of the merged
-adapter, T_o other rows, R = Σ r·(in + out) its delta's MACs per row, L the layers
-it touches and c_op what launching one op costs, expressed in MACs:
+(MACs). With T_m rows of the merged adapter, T_o other rows, R = Σ r·(in + out) its
+delta's MACs per row, L the layers it touches, c_op what launching one op costs and
+F what one forward of the model costs beyond its rows, both expressed in MACs:
 
     unmerged  T_m·R + j·2·L·c_op               the merged adapter's own delta, as if not merged
     subtract  T_o·R + 2·L·spans·c_op           dLoRA: every other row undoes B·A (plain LoRA only)
-    split     ops_per_forward·c_op             a second forward for the other rows: its fixed cost
+    split     F                                a second forward for the other rows: its fixed cost
 
 j is 0 when other plain-LoRA rows are in the batch (`joins_batched`): the batched LoRA
 paths (kinds/lora_batched.py) then run the merged adapter's segment inside the span or
 SGMV launch they run anyway, so unmerged it costs its MACs and no ops of its own; else 1
 (two matmuls per layer). The cheapest wins; a batch of only merged rows always runs merged.
-c_op on CPU is measured (`scripts/bench_lora_kernels.py --calibrate`: one small op ≈ 1.5e5 to
-3.5e5 MACs of a large matmul on this 2-core machine, so 2e5); on CUDA 5e7 (launch-bound) is an
-estimate, not a measurement. It only decides between exact modes, so a poor value costs speed,
-never accuracy.
+
+F = FORWARD_ROWS · P, P the model's MACs per row (its 2-D weights but the embedding table):
+a forward of B rows takes about a + b·B, and a / b, its fixed cost in rows, is what a second
+forward costs beyond its own rows. It reads every weight again, which at a few rows per step is
+most of a step. Measured with `scripts/calibrate_merge_policy.py` (the bench's CPU model, one
+thread): a / b = 18-19 rows with compiled decode steps, 27 eager; so 18. The earlier guess,
+30 ops per decoder layer at c_op each, put a split at a tenth of that (1.5 rows), and at rank
+128 the policy picked it for 64-row batches that ran 7-16% slower split than unmerged. On CUDA
+F is an estimate from the roofline, not a measurement: a forward of few rows is bound by
+reading the weights, and an H100 / H200 reads a bf16 weight in the time of about 250 of its
+multiply-adds, so 256. c_op on CPU is measured (`scripts/bench_lora_kernels.py --calibrate`:
+one small op ≈ 1e5 to 3.5e5 MACs of a large matmul on the 2-core machines here, so 2e5); on
+CUDA 5e7 (launch-bound) is an estimate. The model only decides between exact modes, so a
+poor value costs speed, never accuracy.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ class Mode(Enum):
 
 
 OP_MACS = {"cpu": 2e5, "cuda": 5e7}  # what one op launch costs, in MACs (see above)
-OPS_PER_DECODER_LAYER = 30  # norms, rope, attention, projections, activations, residual adds
+FORWARD_ROWS = {"cpu": 18, "cuda": 256}  # a forward's fixed cost, in rows of the model's MACs (see above)
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,9 @@ class MergeCost:
     subtractable: bool  # plain LoRA in every layer: W_merged - W0 = B·A
 
 
-def choose_mode(shape: BatchShape, cost: MergeCost, num_decoder_layers: int, device_type: str) -> Mode:
+def choose_mode(shape: BatchShape, cost: MergeCost, forward_macs: float, device_type: str) -> Mode:
+    """The cheapest way to run a batch with the merged adapter's rows in it; forward_macs: P, the
+    model's multiply-accumulates per row (`forward_macs`)."""
     if shape.merged_rows == 0:
         return Mode.UNMERGED
     if shape.other_rows == 0:
@@ -68,7 +80,7 @@ def choose_mode(shape: BatchShape, cost: MergeCost, num_decoder_layers: int, dev
     c_op = OP_MACS.get(device_type, OP_MACS["cuda"])
     costs = {
         Mode.UNMERGED: shape.merged_rows * cost.row_macs + (0 if shape.joins_batched else 2 * cost.layers * c_op),
-        Mode.SPLIT: OPS_PER_DECODER_LAYER * num_decoder_layers * c_op,
+        Mode.SPLIT: FORWARD_ROWS.get(device_type, FORWARD_ROWS["cuda"]) * forward_macs,
     }
     if cost.subtractable:
         costs[Mode.MERGED] = shape.other_rows * cost.row_macs + 2 * cost.layers * shape.other_spans * c_op

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from loramux.adapters.cache.host_tier import Key
 from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
-from loramux.adapters.cache.merged_weights import Snapshot, merge_all, merge_cost, merged_nbytes
+from loramux.adapters.cache.merged_weights import Snapshot, forward_macs, merge_all, merge_cost, merged_nbytes
 from loramux.adapters.kinds.base import AdapterError, LoadedAdapter
 from loramux.adapters.kinds.lora import MergedWeight
-from loramux.adapters.model.decoder_layers import find_decoder_layers
 from loramux.adapters.model.wrapped import WrappedModel
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ class MergedCache:
         self.on_ready = on_ready or (lambda: None)
         self.entries: dict[Key, MergedEntry] = {}
         self.traffic = TrafficWindow(window_tokens)
-        self.num_decoder_layers = len(find_decoder_layers(wrapped.model)[1])
+        self.forward_macs = forward_macs(wrapped.model)  # P, one row's MACs (merge_policy.choose_mode)
         self._refused: set[Key] = set()  # hot adapters that did not fit: not retried every step
         self._worker: ThreadPoolExecutor | None = None
 
@@ -129,7 +128,7 @@ class MergedCache:
         adapters = sum(n for slot, n in rows.items() if slot not in (-1, e.slot))  # other adapters' rows
         # the runner puts merged rows last: one span of others
         shape = BatchShape(merged_rows, others, 1 if others else 0, joins_batched=adapters > 0 and e.cost.subtractable)
-        mode = choose_mode(shape, e.cost, self.num_decoder_layers, self.wrapped.device.type)
+        mode = choose_mode(shape, e.cost, self.forward_macs, self.wrapped.device.type)
         if mode is Mode.UNMERGED:
             return -1, False
         e.last_used = time.monotonic()
