@@ -75,10 +75,16 @@ ARCHS = [
          dict(COMMON, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.1),
          ["q_proj", "v_proj", "fc2"]),
+    # served since transformers' Falcon went through the attention interface (it did not before 5.2x)
     Arch("falcon", tf.FalconConfig,
          dict(COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
               new_decoder_architecture=True, initializer_range=0.1),
-         ["query_key_value"], refused=("FalconForCausalLM", "attention interface")),
+         ["query_key_value"]),
+    # GPT-Neo's attention computes its scores itself, past the attention interface: refused
+    Arch("gpt_neo", tf.GPTNeoConfig,
+         dict(COMMON, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+              window_size=WINDOW, max_position_embeddings=128, initializer_range=0.1),
+         ["q_proj", "v_proj"], refused=("GPTNeoForCausalLM", "attention interface")),
     Arch("stablelm", tf.StableLmConfig, dict(LLAMA_LIKE, partial_rotary_factor=0.25), QV_DOWN),
     Arch("granite", tf.GraniteConfig,
          dict(LLAMA_LIKE, embedding_multiplier=2.0, attention_multiplier=0.5, residual_multiplier=0.5,

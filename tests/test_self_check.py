@@ -35,7 +35,7 @@ class DroppingLayer(ml.LlamaDecoderLayer):
 
 
 class BypassAttention(ml.LlamaAttention):
-    """Attention computed in the module itself (as Falcon's is), not through the attention interface."""
+    """Attention computed in the module itself (as GPT-Neo's is), not through the attention interface."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN201
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -128,14 +128,14 @@ def test_the_check_prompts_reach_past_the_sliding_window():
 
 
 def test_serve_exits_non_zero_naming_the_architecture(tmp_path):
-    """A real `loramux serve` process on a Falcon directory: refused at start, exit code 1, never SERVING."""
+    """A real `loramux serve` process on a GPT-Neo directory: refused at start, exit code 1, never SERVING."""
     from test_architectures import build
 
-    (falcon,) = [a for a in ARCHS if a.name == "falcon"]
-    build(falcon.config()).save_pretrained(tmp_path / "falcon")
-    byte_tokenizer().save_pretrained(tmp_path / "falcon")
-    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(tmp_path / "falcon"), "--store",
+    (neo,) = [a for a in ARCHS if a.name == "gpt_neo"]
+    build(neo.config()).save_pretrained(tmp_path / "gpt_neo")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt_neo")
+    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--model", str(tmp_path / "gpt_neo"), "--store",
            str(tmp_path / "store"), "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "FalconForCausalLM" in proc.stderr and "attention interface" in proc.stderr
+    assert "GPTNeoForCausalLM" in proc.stderr and "attention interface" in proc.stderr
