@@ -25,14 +25,14 @@ F = FORWARD_ROWS · P, P the model's MACs per row (its 2-D weights but the embed
 a forward of B rows takes about a + b·B, and a / b, its fixed cost in rows, is what a second
 forward costs beyond its own rows. It reads every weight again, which at a few rows per step is
 most of a step. Measured with `scripts/calibrate_merge_policy.py` (the bench's CPU model, one
-thread): a / b = 18-19 rows with compiled decode steps, 27 eager; so 18. The earlier guess,
-30 ops per decoder layer at c_op each, put a split at a tenth of that (1.5 rows), and at rank
-128 the policy picked it for 64-row batches that ran 7-16% slower split than unmerged. On CUDA
-F is an estimate from the roofline, not a measurement: a forward of few rows is bound by
-reading the weights, and an H100 / H200 reads a bf16 weight in the time of about 250 of its
-multiply-adds, so 256. c_op on CPU is measured (`scripts/bench_lora_kernels.py --calibrate`:
-one small op ≈ 1e5 to 3.5e5 MACs of a large matmul on the 2-core machines here, so 2e5); on
-CUDA 5e7 (launch-bound) is an estimate. The model only decides between exact modes, so a
+thread): a / b = 15-19 rows with compiled decode steps over five runs, 27 eager; so 18. The
+earlier guess, 30 ops per decoder layer at c_op each, put a split at about a ninth of that (2 rows
+of that model), and at rank 128 the policy picked it for 64-row batches that ran 7-16% slower
+split than unmerged. On CUDA F is an estimate from the roofline, not a measurement: a forward
+of few rows is bound by reading the weights, and an H100 / H200 reads a bf16 weight in the time
+of 300 / 200 of its multiply-adds, so 256. c_op on CPU is measured (`scripts/bench_lora_kernels.py
+--calibrate`: one small op ≈ 1e5 to 3.5e5 MACs of a large matmul on the 2-core machines here, so
+2e5); on CUDA 5e7 (launch-bound) is an estimate. The model only decides between exact modes, so a
 poor value costs speed, never accuracy.
 """
 
