@@ -1,9 +1,11 @@
 """The merge policy's cost model against measured steps: for each batch shape, the mode it picks and the fastest.
 
     PYTHONPATH=server python scripts/calibrate_merge_policy.py [--threads 1] [--rank 16] [--no-compile]
+    PYTHONPATH=server python scripts/calibrate_merge_policy.py --preset gpu-1b --no-compile   # on CUDA
 
-Model: the bench's synthetic Llama (`--preset cpu`: hidden 512, 4 layers, float32), 16 LoRA adapters of
-`--rank` on q, k, v, o, the one in slot 0 merged by hand (what the merged cache does once it is hot).
+Model: one of the bench's synthetic Llamas (`--preset cpu`: hidden 512, 4 layers, float32 on the CPU;
+`gpu-1b`: about 1B parameters, bfloat16 on CUDA), 16 LoRA adapters of `--rank` on q, k, v, o, the one
+in slot 0 merged by hand (what the merged cache does once it is hot).
 An engine in this process, its decode graphs compiled as a server compiles them (`--no-compile`: eager),
 with 64 requests decoding on the merged adapter and 64 on the 15 others. For batches of B rows of
 which a share is on the merged adapter, one decode step is timed in each of the three modes of
@@ -27,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_lora_kernels import install_loras  # this script's folder is on sys.path
 
 from loramux.adapters.cache import merge_policy
 from loramux.adapters.cache.merge_policy import BatchShape, Mode, choose_mode
 from loramux.adapters.cache.merged_weights import forward_macs, merge_all, merge_cost
 from loramux.adapters.model.wrapped import WrappedModel
-from loramux.bench.synthetic import write_synthetic_model
+from loramux.bench.synthetic import PRESETS, write_synthetic_model
 from loramux.config import EngineConfig
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams
@@ -41,15 +42,19 @@ from loramux.engine.runner import Batch
 from loramux.model import load_base_model
 
 ADAPTERS = 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PER_GROUP = 64  # requests on the merged adapter, on the others, and on the base model
 
 
-def decoding(model_dir: Path, rank: int, compile: bool) -> tuple[Engine, list[Request], list[Request], list[Request]]:
+def decoding(
+    model_dir: Path, preset: str, rank: int, compile: bool
+) -> tuple[Engine, list[Request], list[Request], list[Request]]:
     """An engine with slot 0 merged and 3·PER_GROUP requests decoding: (engine, on slot 0, on the others, base)."""
-    base = load_base_model(str(model_dir), device="cpu", dtype="float32")
+    _, device, dtype = PRESETS[preset]
+    base = load_base_model(str(model_dir), device=device, dtype=dtype)
     config = EngineConfig(max_running=3 * PER_GROUP, max_model_len=256, compile=compile, merged_cache_mb=64)
     wrapped = WrappedModel(base.model, num_slots=ADAPTERS)
-    install_loras(wrapped, ADAPTERS, rank)
+    install_loras(wrapped, rank)
     layers = {n: lay for n, lay in wrapped.linears.items() if lay.deltas[0] is not None}
     snapshot = [(n, lay.parts(0), lay.base_weight_rows(), lay.bias) for n, lay in layers.items()]
     for name, merged in merge_all(snapshot, wrapped.dtype).items():
@@ -74,6 +79,17 @@ def decoding(model_dir: Path, rank: int, compile: bool) -> tuple[Engine, list[Re
     return engine, reqs[:PER_GROUP], reqs[PER_GROUP : 2 * PER_GROUP], reqs[2 * PER_GROUP :]
 
 
+def install_loras(wrapped: WrappedModel, rank: int) -> None:
+    """Seeded random LoRA weights of `rank` on TARGETS in every slot, in the model's device and dtype."""
+    gen = torch.Generator().manual_seed(1)
+    for name, layer in wrapped.linears.items():
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            for slot in range(ADAPTERS):
+                a = torch.randn(rank, layer.in_features, generator=gen) * 0.05
+                b = torch.randn(layer.out_features, rank, generator=gen) * 0.05
+                layer.set_lora(slot, a.to(wrapped.device, wrapped.dtype), b.to(wrapped.device, wrapped.dtype))
+
+
 def batches(hot: list[Request], others: list[Request], m: int, o: int) -> dict[Mode, Batch]:
     decode = hot[:m] + others[:o]
     return {
@@ -86,19 +102,23 @@ def batches(hot: list[Request], others: list[Request], m: int, o: int) -> dict[M
 def timed(engine: Engine, runs: dict, rounds: int, reps: int) -> dict:
     """Median over rounds of each run's ms per forward, the runs taking turns within a round."""
     times: dict = {k: [] for k in runs}
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else lambda: None
     for b in runs.values():  # warm (and make sure every compiled graph it needs is there)
         engine.runner.run(b)
     for _ in range(rounds):
         for k, b in runs.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(reps):
                 engine.runner.run(b)
+            sync()
             times[k].append(1e3 * (time.perf_counter() - t0) / reps)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rows", default="2,4,8,16,32,64")
@@ -109,8 +129,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_synthetic_model("cpu", Path(tmp) / "model")
-        engine, hot, others, plain = decoding(model_dir, a.rank, not a.no_compile)
+        model_dir = write_synthetic_model(a.preset, Path(tmp) / "model")
+        engine, hot, others, plain = decoding(model_dir, a.preset, a.rank, not a.no_compile)
+        device = engine.runner.device.type
         wrapped = engine.runner.wrapped
         cost = merge_cost([lay for lay in wrapped.linears.values() if lay.deltas[0] is not None], 0)
         fwd = forward_macs(engine.runner.model)
@@ -132,7 +153,7 @@ def main() -> None:
                     continue
                 t = timed(engine, batches(hot, others, m, o), a.rounds, a.reps)
                 best = min(t, key=t.__getitem__)
-                pick = choose_mode(BatchShape(m, o, 1, joins_batched=True), cost, fwd, "cpu")
+                pick = choose_mode(BatchShape(m, o, 1, joins_batched=True), cost, fwd, device)
                 regrets.append(t[pick] / t[best])
                 print(
                     f"{b:3d} {m:6d} {o:6d} {t[Mode.UNMERGED]:9.2f} {t[Mode.MERGED]:8.2f} {t[Mode.SPLIT]:8.2f}  "
@@ -142,7 +163,8 @@ def main() -> None:
         if c is not None:
             print(f"compiled steps {c.steps}, eager (no graph fits) {c.misses}, compile error: {c.report.error!r}")
         print(f"\nregret: median {statistics.median(regrets):.3f}, worst {max(regrets):.3f} over {len(regrets)} shapes")
-        print(f"(model: OP_MACS {merge_policy.OP_MACS['cpu']:.3g}, FORWARD_ROWS {merge_policy.FORWARD_ROWS['cpu']})")
+        rows_now = merge_policy.FORWARD_ROWS.get(device, merge_policy.FORWARD_ROWS["cuda"])
+        print(f"(model on {device}: OP_MACS {merge_policy.OP_MACS.get(device, 0):.3g}, FORWARD_ROWS {rows_now})")
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:

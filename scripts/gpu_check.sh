@@ -5,7 +5,9 @@
 #      function (the CPU engine against plain transformers), in the first lines of summary.txt;
 #   3. correctness of the CUDA path against the CPU path (tests/test_cuda.py: mixed adapter kinds,
 #      float32 and bfloat16);
-#   4. the bench suites on the ~1B preset, one at a time, each appended to bench.txt as it ends, so a
+#   4. the merge policy's constants measured on CUDA (scripts/calibrate_merge_policy.py: a forward's
+#      fixed cost in rows, merge_policy.FORWARD_ROWS, an estimate for CUDA until measured), merge-policy.txt;
+#   5. the bench suites on the ~1B preset, one at a time, each appended to bench.txt as it ends, so a
 #      run cut off at its limit still returns every figure measured so far.
 # It uses the machine's own python3 and packages (torch, transformers, peft, ... are in its image)
 # and never reaches a network. Everything is written under $OUT (default gpu-out), at most 8 files.
@@ -59,7 +61,18 @@ say "== correctness: tests/test_cuda.py"
 timeout $(($(left) / 2)) "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/cuda-tests.txt" 2>&1
 say "cuda tests exit $?: $(tail -1 "$OUT/cuda-tests.txt")"
 
-# 4. Bench suites, each bounded by what is left of the budget.
+# 4. The merge policy's split price on this device (eager steps: compiling the 1B model's graphs would
+#    take most of the budget); on CPU (the dry run) the tiny preset, only to see that the script runs.
+if [ "$cuda" = 1 ]; then
+  calib=(--preset gpu-1b --no-compile --rank 16 --rows 1,4,16,64 --shares 0.25,0.75 --rounds 3 --reps 3)
+else
+  calib=(--preset tiny --no-compile --rows 2,8 --shares 0.5 --rounds 1 --reps 1)
+fi
+say "== merge policy: scripts/calibrate_merge_policy.py ${calib[*]}"
+timeout $(($(left) / 4)) "$PY" scripts/calibrate_merge_policy.py "${calib[@]}" >"$OUT/merge-policy.txt" 2>&1
+say "merge policy exit $?: $(grep -h 'fixed cost\|^regret' "$OUT/merge-policy.txt" | tr '\n' ' ')"
+
+# 5. Bench suites, each bounded by what is left of the budget.
 if [ "$cuda" = 1 ]; then preset=(--preset gpu-1b --rounds 1); else preset=(--preset tiny --rounds 1 --threads 1); fi
 default_suites=$("$PY" -c 'from loramux.bench.options import SUITES as S; f=["mixed","hot"]; print(*f, *[s for s in S if s not in f])')
 for suite in ${GPU_CHECK_SUITES:-$default_suites}; do

@@ -2,7 +2,7 @@
 # The GPU check's offline dry run, on this CPU machine: a venv that holds only what the GPU machine's
 # image holds (torch, transformers, peft, ...: no grpcio, no protobuf, none of the server's other
 # packages), the carried wheels made for this machine's Python, and pip closed to every index. The
-# CUDA tests skip; the attention check and one tiny bench suite run. Output under $OUT (gpu-dryrun-out).
+# CUDA tests skip; the attention check, the merge policy's script and one tiny bench suite run. Output under $OUT (gpu-dryrun-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-dryrun-out}
@@ -29,5 +29,6 @@ rm -rf "$OUT"
 OUT=$OUT GPU_CHECK_PYTHON="$VENV/bin/python" GPU_CHECK_WHEELS="$WHL" PIP_INDEX_URL="file://$EMPTY" \
   PIP_EXTRA_INDEX_URL= PIP_FIND_LINKS= bash scripts/gpu_check.sh
 grep -q "^attention function with transformers .*: OK" "$OUT/summary.txt"
+grep -q "^merge policy exit 0" "$OUT/summary.txt"
 grep -q "^bench mixed exit 0" "$OUT/summary.txt"
 echo "dry run passed: $OUT/summary.txt"
