@@ -47,7 +47,8 @@ def build(layers: int, slots: int) -> WrappedModel:
 
 
 def install_loras(wrapped: WrappedModel, slots: int, rank: int = RANK) -> None:
-    """Seeded random LoRA weights of `rank` on TARGETS in slots 0..slots-1 (their values do not matter here)."""
+    """Seeded random LoRA weights of `rank` on TARGETS in slots 0..slots-1 (their values do not matter here),
+    in the model's device and dtype."""
     gen = torch.Generator().manual_seed(1)
     for name, layer in wrapped.linears.items():
         if name.rsplit(".", 1)[-1] not in TARGETS:
@@ -55,7 +56,7 @@ def install_loras(wrapped: WrappedModel, slots: int, rank: int = RANK) -> None:
         for slot in range(slots):
             a = torch.randn(rank, layer.in_features, generator=gen) * 0.05
             b = torch.randn(layer.out_features, rank, generator=gen) * 0.05
-            layer.set_lora(slot, a, b)
+            layer.set_lora(slot, a.to(wrapped.device, wrapped.dtype), b.to(wrapped.device, wrapped.dtype))
 
 
 def split_rows(rows: int, nseg: int, unequal: bool) -> list[int]:

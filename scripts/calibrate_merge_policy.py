@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_lora_kernels import install_loras  # this script's folder is on sys.path
 
 from loramux.adapters.cache import merge_policy
 from loramux.adapters.cache.merge_policy import BatchShape, Mode, choose_mode
@@ -42,7 +43,6 @@ from loramux.engine.runner import Batch
 from loramux.model import load_base_model
 
 ADAPTERS = 16
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PER_GROUP = 64  # requests on the merged adapter, on the others, and on the base model
 
 
@@ -54,7 +54,7 @@ def decoding(
     base = load_base_model(str(model_dir), device=device, dtype=dtype)
     config = EngineConfig(max_running=3 * PER_GROUP, max_model_len=256, compile=compile, merged_cache_mb=64)
     wrapped = WrappedModel(base.model, num_slots=ADAPTERS)
-    install_loras(wrapped, rank)
+    install_loras(wrapped, ADAPTERS, rank)  # on q, k, v, o
     layers = {n: lay for n, lay in wrapped.linears.items() if lay.deltas[0] is not None}
     snapshot = [(n, lay.parts(0), lay.base_weight_rows(), lay.bias) for n, lay in layers.items()]
     for name, merged in merge_all(snapshot, wrapped.dtype).items():
@@ -77,17 +77,6 @@ def decoding(
     for r in reqs:
         engine.runner.schedule_rest(r)  # its next position: run (not committed) as often as timed
     return engine, reqs[:PER_GROUP], reqs[PER_GROUP : 2 * PER_GROUP], reqs[2 * PER_GROUP :]
-
-
-def install_loras(wrapped: WrappedModel, rank: int) -> None:
-    """Seeded random LoRA weights of `rank` on TARGETS in every slot, in the model's device and dtype."""
-    gen = torch.Generator().manual_seed(1)
-    for name, layer in wrapped.linears.items():
-        if name.rsplit(".", 1)[-1] in TARGETS:
-            for slot in range(ADAPTERS):
-                a = torch.randn(rank, layer.in_features, generator=gen) * 0.05
-                b = torch.randn(layer.out_features, rank, generator=gen) * 0.05
-                layer.set_lora(slot, a.to(wrapped.device, wrapped.dtype), b.to(wrapped.device, wrapped.dtype))
 
 
 def batches(hot: list[Request], others: list[Request], m: int, o: int) -> dict[Mode, Batch]:

@@ -163,7 +163,8 @@ def test_forward_macs_counts_each_product_once(tied: bool):
     # counted only as the head it also is when tied
     model = build_from_config(tiny_llama_config(tie_word_embeddings=tied), seed=0)
     cfg = model.config
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // 4)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)  # k / v projections' width
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
     assert forward_macs(model) == cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
 
