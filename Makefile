@@ -6,16 +6,29 @@ PIP := $(PY) -m pip
 # The CPU build of torch on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo lint proto bench fixtures-adapterhub clean
+.PHONY: install test demo lint proto bench fixtures-adapterhub clean constraints
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions of the last green run, so that a release upstream cannot turn CI red
+# between two sessions (transformers 5.25 moved Falcon across the self-check; grpcio-tools 1.85.4 rewrote
+# the stubs' version line). `make constraints` refreshes it from a fresh install of the newest versions.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[test,ray]'
+	$(PIP) install -q -c constraints.txt -e '.[test,ray]'
 	touch $@
+
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q $(TORCH_SPEC)
+	.venv-constraints/bin/python -m pip install -q -e '.[test,ray]'
+	{ echo "# make constraints: the versions make install uses (torch comes from TORCH_SPEC first)"; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	rm -rf .venv-constraints
 
 # The oracle tests (PEFT, AdapterHub, soft prompts, merged) once more with every forward forced onto each
 # LoRA path: the per-segment reference, the grouped pure-torch path, the Triton kernels (interpreted on CPU).
