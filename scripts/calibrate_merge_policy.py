@@ -33,13 +33,14 @@ from bench_lora_kernels import install_loras  # this script's folder is on sys.p
 
 from loramux.adapters.cache import merge_policy
 from loramux.adapters.cache.merge_policy import BatchShape, Mode, choose_mode
-from loramux.adapters.cache.merged_weights import forward_macs, merge_all, merge_cost
+from loramux.adapters.cache.merged_weights import merge_all, merge_cost
 from loramux.adapters.model.wrapped import WrappedModel
 from loramux.bench.synthetic import PRESETS, write_synthetic_model
 from loramux.config import EngineConfig
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request, SamplingParams
 from loramux.engine.runner import Batch
+from loramux.engine.step_cost import forward_macs
 from loramux.model import load_base_model
 
 ADAPTERS = 16

@@ -17,13 +17,13 @@ from peft_helpers import flat_batch, greedy, make_peft_adapter, reference_logits
 from loramux.adapters.cache import merged as merged_mod
 from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
 from loramux.adapters.cache.merged import MergedCache
-from loramux.adapters.cache.merged_weights import forward_macs
 from loramux.adapters.cache.slot import Slot
 from loramux.adapters.formats.loader import load_adapter_dir
 from loramux.adapters.model import linear as layers_mod
 from loramux.adapters.model.wrapped import WrappedModel
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext
 from loramux.engine.runner import Runner
+from loramux.engine.step_cost import forward_macs
 from loramux.model import build_from_config, tiny_gpt2_config, tiny_llama_config
 from loramux.v1 import loramux_pb2 as pb
 

@@ -41,6 +41,7 @@ from loramux.adapters.model.wrapped import WrappedModel
 from loramux.bench.options import BenchOptions
 from loramux.bench.synthetic import PRESETS
 from loramux.engine.forward_context import BASE_SLOT, AdapterContext
+from loramux.engine.step_cost import forward_macs
 from loramux.model import build_from_config, tiny_llama_config
 
 log = logging.getLogger("loramux.bench")
@@ -49,11 +50,6 @@ MIX = (8, 16, 32, 64, 128)  # the "mix" configuration cycles its adapters throug
 
 def _ranks(label: str, n: int) -> list[int]:
     return [MIX[i % len(MIX)] for i in range(n)] if label == "mix" else [int(label)] * n
-
-
-def _macs(model: torch.nn.Module) -> int:
-    """Base multiply-accumulates per token row: every Linear (lm_head included)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 class RankBench:
@@ -181,7 +177,7 @@ class RankBench:
                 times["separate"].append(sum(w for w, _ in each))
                 cpu["separate"].append(sum(c for _, c in each))
         lora_macs = sum(r * (a.shape[1] + b.shape[0]) for per in weights.values() for (a, b), r in zip(per, ranks))
-        base_macs = _macs(base_model)
+        base_macs = forward_macs(base_model)  # every product of a row, the LM head included
         out = {
             "adapters": n, "ranks": label, "ceiling": base_macs / (base_macs + lora_macs / n),
             # weights a forward reads: every adapter's A and B once, against the base's (one element per MAC)

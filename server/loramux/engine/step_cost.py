@@ -53,6 +53,15 @@ def shape_of(model: torch.nn.Module) -> tuple[float, int, int, int]:
     return weights / int(cfg.num_hidden_layers), heads, kv_heads, head_dim
 
 
+def forward_macs(model: torch.nn.Module) -> int:
+    """P: one row's multiply-accumulates through the model (merge_policy.choose_mode; the ranks bench's FLOP
+    ceiling): every 2-D weight once, the input embedding table left out (a lookup) unless the LM head shares it."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and (p is not embed or tied))
+
+
 @dataclass(frozen=True)
 class StepCost:
     # K: keys at which a token's attention costs as much as its projections (inf: attention is free)

@@ -72,7 +72,7 @@ class MergeCost:
 
 def choose_mode(shape: BatchShape, cost: MergeCost, forward_macs: float, device_type: str) -> Mode:
     """The cheapest way to run a batch with the merged adapter's rows in it; forward_macs: P, the
-    model's multiply-accumulates per row (`forward_macs`)."""
+    model's multiply-accumulates per row (`engine/step_cost.forward_macs`)."""
     if shape.merged_rows == 0:
         return Mode.UNMERGED
     if shape.other_rows == 0:

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from loramux.adapters.cache.host_tier import Key
 from loramux.adapters.cache.merge_policy import BatchShape, MergeCost, Mode, TrafficWindow, choose_mode
-from loramux.adapters.cache.merged_weights import Snapshot, forward_macs, merge_all, merge_cost, merged_nbytes
+from loramux.adapters.cache.merged_weights import Snapshot, merge_all, merge_cost, merged_nbytes
 from loramux.adapters.kinds.base import AdapterError, LoadedAdapter
 from loramux.adapters.kinds.lora import MergedWeight
 from loramux.adapters.model.wrapped import WrappedModel
+from loramux.engine.step_cost import forward_macs
 
 if TYPE_CHECKING:
     from loramux.engine.request import Request

@@ -47,15 +47,6 @@ def merged_nbytes(layer: MultiAdapterLinear, slot: int) -> int:
     )
 
 
-def forward_macs(model: torch.nn.Module) -> int:
-    """P: one row's multiply-accumulates through the model (for merge_policy.choose_mode): every 2-D
-    weight once, the input embedding table left out (a lookup) unless the LM head shares it."""
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed
-    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and (p is not embed or tied))
-
-
 def merge_cost(layers: Iterable[MultiAdapterLinear], slot: int) -> MergeCost:
     """What the adapter's delta costs per row, unmerged (for merge_policy.choose_mode)."""
     macs, subtractable, n = 0, True, 0
