@@ -13,21 +13,21 @@ install: $(VENV)/.installed
 # constraints.txt: the versions of the last green run, so that a release upstream cannot turn CI red
 # between two sessions (transformers 5.25 moved Falcon across the self-check; grpcio-tools 1.85.4 rewrote
 # the stubs' version line). `make constraints` refreshes it from a fresh install of the newest versions.
+CONSTRAINTS ?= -c constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -c constraints.txt -e '.[test,ray]'
+	$(PIP) install -q $(CONSTRAINTS) -e '.[test,ray]'
 	touch $@
 
+# the install above into a venv of its own, without constraints, then its versions (torch aside)
 constraints:
 	rm -rf .venv-constraints
-	$(PYTHON) -m venv .venv-constraints
-	.venv-constraints/bin/python -m pip install -q --upgrade pip
-	.venv-constraints/bin/python -m pip install -q $(TORCH_SPEC)
-	.venv-constraints/bin/python -m pip install -q -e '.[test,ray]'
+	$(MAKE) install VENV=.venv-constraints CONSTRAINTS=
 	{ echo "# make constraints: the versions make install uses (torch comes from TORCH_SPEC first)"; \
-	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 	rm -rf .venv-constraints
 
 # The oracle tests (PEFT, AdapterHub, soft prompts, merged) once more with every forward forced onto each

@@ -2,7 +2,8 @@
 # The GPU check's offline dry run, on this CPU machine: a venv that holds only what the GPU machine's
 # image holds (torch, transformers, peft, ...: no grpcio, no protobuf, none of the server's other
 # packages), the carried wheels made for this machine's Python, and pip closed to every index. The
-# CUDA tests skip; the attention check, the merge policy's script and one tiny bench suite run. Output under $OUT (gpu-dryrun-out).
+# CUDA tests skip; the attention check, the merge policy's script and one tiny bench suite run.
+# Output under $OUT (gpu-dryrun-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-dryrun-out}
